@@ -1,0 +1,223 @@
+"""Configuration dataclasses for every part of the model, and the course's named profiles.
+
+A VLM here is three parts glued together:
+
+    image -> VisionEncoder (a ViT, as SigLIP) -> ModalityProjector (pixel shuffle + linear) -> Decoder (SmolLM2)
+
+Each part has a plain dataclass config. `VLMConfig` bundles them and knows the one number that
+couples them: how many image tokens one image becomes in the decoder's input.
+
+Profiles (DESIGN.md section 3) choose sizes and weight sources:
+
+    tiny  random-init tiny ViT + random-init tiny decoder   tests, CI, nbval: seconds
+    smol  course-pretrained small ViT + real SmolLM2-135M   instructor demo on a laptop CPU: minutes
+    nano  SigLIP-B/16-224 + SmolLM2-135M from the hub      GPU / Colab: the nanoVLM-222M recipe
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    layer_norm_eps: float = 1e-6
+    # SigLIP normalises pixels to [-1, 1]: mean 0.5, std 0.5 per channel.
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+@dataclass
+class ProjectorConfig:
+    shuffle_factor: int = 2  # pixel shuffle ratio r: r*r neighbouring patches become one token
+    kind: str = "linear"  # "linear" (nanoVLM, Idefics3) or "mlp" (LLaVA-1.5 style: linear-GELU-linear)
+    mlp_hidden_size: int | None = None  # for kind="mlp"; defaults to the decoder width
+    bias: bool = False  # nanoVLM and Idefics3 use one bias-free linear
+
+    def __post_init__(self):
+        if self.kind not in ("linear", "mlp"):
+            raise ValueError(f"projector kind must be 'linear' or 'mlp', got {self.kind!r}")
+        if self.shuffle_factor < 1:
+            raise ValueError(f"shuffle_factor must be >= 1, got {self.shuffle_factor}")
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int | None = None  # defaults to hidden_size // num_heads
+    rope_theta: float = 100000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads} "
+                "(grouped-query attention shares each KV head across a whole group of query heads)"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+
+@dataclass
+class VLMConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    image_token: str = "<image>"
+    image_token_id: int | None = None  # set from the tokenizer (processing.load_tokenizer adds the token)
+    tokenizer: str = "smollm2"  # name understood by processing.load_tokenizer, or a local path
+    max_length: int = 2048  # longest sequence the processor lets through (prompt + answer)
+
+    def __post_init__(self):
+        # Accept plain dicts (as read back from config.json).
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.projector, dict):
+            self.projector = ProjectorConfig(**self.projector)
+        if isinstance(self.decoder, dict):
+            self.decoder = DecoderConfig(**self.decoder)
+        grid, r = self.vision.grid_size, self.projector.shuffle_factor
+        if grid % r:
+            raise ValueError(
+                f"the patch grid {grid}x{grid} (image_size {self.vision.image_size} / patch_size "
+                f"{self.vision.patch_size}) is not divisible by the pixel-shuffle factor {r}"
+            )
+
+    @property
+    def image_tokens_per_image(self) -> int:
+        """Tokens one image costs in the decoder: (image_size / patch_size)^2 / r^2."""
+        return self.vision.num_patches // self.projector.shuffle_factor**2
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown VLMConfig fields {sorted(unknown)}: is this a vlm_course config.json?")
+        return cls(**d)
+
+    def save(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path) -> "VLMConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+# ----------------------------------------------------------------------------------------------
+# Profiles
+
+
+@dataclass
+class Profile:
+    name: str
+    config: VLMConfig
+    vision_weights: str | None  # None: random init; else a name for weights.resolve or a local path
+    decoder_weights: str | None
+    data: str  # "mini-cauldron" (offline, assets/) or "the_cauldron" (hub)
+    description: str = ""
+
+
+SMOLLM2_135M = DecoderConfig()  # the defaults above are SmolLM2-135M's
+
+# The tokenizer is always the real SmolLM2 one, so the vocabulary is 49152 even in `tiny`.
+TINY = VLMConfig(
+    vision=VisionConfig(image_size=64, patch_size=8, hidden_size=64, intermediate_size=128, num_layers=2,
+                        num_heads=4),
+    projector=ProjectorConfig(shuffle_factor=2),
+    decoder=DecoderConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                          rope_theta=10000.0, max_position_embeddings=1024),
+    max_length=512,
+)
+
+# `smol`: the ViT the course pretrains on synthetic 64 px images (FACTS.md calibration experiment).
+SMOL = VLMConfig(
+    vision=VisionConfig(image_size=64, patch_size=8, hidden_size=192, intermediate_size=768, num_layers=4,
+                        num_heads=3),
+    projector=ProjectorConfig(shuffle_factor=2),
+    decoder=DecoderConfig(),
+    max_length=512,
+)
+
+# `nano`: nanoVLM v0.1, 222M parameters. SigLIP-B/16-224 has 196 patches -> 49 image tokens of 576.
+NANO = VLMConfig(
+    vision=VisionConfig(),
+    projector=ProjectorConfig(shuffle_factor=2),
+    decoder=DecoderConfig(),
+    max_length=1024,
+)
+
+PROFILES = {
+    "tiny": Profile("tiny", TINY, None, None, "mini-cauldron", "random-init tiny model: tests, CI, nbval"),
+    "smol": Profile("smol", SMOL, "course-vit-smol", "HuggingFaceTB/SmolLM2-135M-Instruct", "mini-cauldron",
+                    "course-pretrained ViT + real SmolLM2-135M-Instruct, offline: instructor demo on a CPU"),
+    "nano": Profile("nano", NANO, "google/siglip-base-patch16-224", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                    "the_cauldron", "the nanoVLM-222M recipe: needs the hub and a GPU"),
+}
+
+
+def default_profile_name() -> str:
+    """The profile the hardware suits: `nano` with a CUDA GPU, else `smol` on a CPU."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "nano"
+    except ImportError:
+        pass
+    return "smol"
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """Return a profile by name; None reads VLM_COURSE_PROFILE, else picks by hardware.
+
+    Configs are deep-copied so callers may edit them freely.
+    """
+    name = name or os.environ.get("VLM_COURSE_PROFILE") or default_profile_name()
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: choose one of {sorted(PROFILES)} (env VLM_COURSE_PROFILE)")
+    p = PROFILES[name]
+    return dataclasses.replace(p, config=VLMConfig.from_dict(p.config.to_dict()))

@@ -1,0 +1,258 @@
+"""The processor: turns images and conversations into the tensors the VLM reads.
+
+    image  -> RGB -> resize to the encoder's size -> [0, 1] -> (x - mean) / std      pixel_values (N, 3, H, W)
+    turns  -> SmolLM2's chat template, with each image expanded to `image_tokens_per_image` copies of the
+              <image> token (the model later overwrites those positions with projected image features)
+           -> input_ids, attention_mask, and labels that are -100 everywhere except the assistant's answers
+
+The chat format is SmolLM2-Instruct's (ChatML):
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n
+
+We build the token ids piece by piece (so we know which tokens are answers) and the tests prove that the
+result equals `tokenizer.apply_chat_template` on the same conversation.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .config import VisionConfig, VLMConfig
+
+IGNORE_INDEX = -100  # cross-entropy skips these label positions
+IMAGE_TOKEN = "<image>"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+
+
+def open_image(image) -> Image.Image:
+    """Accept a PIL image, a path, raw bytes, a {'bytes': ...} dict (HF datasets / parquet) or an HxWxC array."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        if isinstance(image, (str, os.PathLike)):
+            return Image.open(Path(image))
+        if isinstance(image, (bytes, bytearray)):
+            return Image.open(io.BytesIO(image))
+        if isinstance(image, dict) and image.get("bytes") is not None:
+            return Image.open(io.BytesIO(image["bytes"]))
+        if isinstance(image, np.ndarray):
+            return Image.fromarray(image)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"could not decode the image ({err}): is the file a PNG/JPEG and complete?") from err
+    raise ValueError(f"expected a PIL image, a path, bytes or an array, got {type(image).__name__}")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB. Transparent pixels become white (not black, which RGBA->RGB would give)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit / 32-bit greyscale: rescale the actual range to 0..255 before going to 8 bits.
+        array = np.asarray(image, dtype=np.float64)
+        low, high = float(array.min()), float(array.max())
+        array = (array - low) / (high - low) * 255 if high > low else np.zeros_like(array)
+        return Image.fromarray(array.astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, P, CMYK, YCbCr, 1, ...
+
+
+class ImageTransform:
+    """Resize to the encoder's square size, scale to [0, 1], normalise per channel: -> (3, H, W) float tensor."""
+
+    def __init__(self, cfg: VisionConfig):
+        self.size = cfg.image_size
+        self.min_size = cfg.patch_size
+        self.mean = torch.tensor(cfg.image_mean).view(3, 1, 1)
+        self.std = torch.tensor(cfg.image_std).view(3, 1, 1)
+
+    def __call__(self, image) -> torch.Tensor:
+        image = open_image(image)
+        try:
+            image.load()
+        except OSError as err:
+            raise ValueError(f"the image file is truncated or corrupt ({err}): re-download or re-save it") from err
+        if min(image.size) < self.min_size:
+            raise ValueError(
+                f"the image is {image.size[0]}x{image.size[1]} px, smaller than one {self.min_size}px patch: "
+                "it carries almost no information; use a larger image"
+            )
+        image = to_rgb(image).resize((self.size, self.size), Image.Resampling.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        return (pixels - self.mean) / self.std
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(name: str = "smollm2"):
+    """The SmolLM2 tokenizer (committed in assets/, no download) with the <image> token added."""
+    from transformers import AutoTokenizer
+
+    from .weights import assets_dir
+
+    path = assets_dir() / "tokenizers" / "smollm2" if name == "smollm2" else name
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        # A special token is never split or merged by BPE, so one <image> is always exactly one id.
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# The processor
+
+
+class VLMProcessor:
+    def __init__(self, tokenizer, config: VLMConfig, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.system_prompt = system_prompt
+        self.image_transform = ImageTransform(config.vision)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {config.image_token!r} token: load it with load_tokenizer()")
+        config.image_token_id = self.image_token_id
+        self.tokens_per_image = config.image_tokens_per_image
+        self.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+
+    @classmethod
+    def from_config(cls, config: VLMConfig, **kwargs) -> "VLMProcessor":
+        return cls(load_tokenizer(config.tokenizer), config, **kwargs)
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def preprocess_images(self, images) -> torch.Tensor:
+        if not images:
+            return torch.zeros(0, 3, self.config.vision.image_size, self.config.vision.image_size)
+        return torch.stack([self.image_transform(image) for image in images])
+
+    def user_content_ids(self, text: str, num_images: int) -> list[int]:
+        """The user's message with image blocks: where the text has <image> markers, else before the text."""
+        block = [self.image_token_id] * self.tokens_per_image
+        parts = text.split(IMAGE_TOKEN)
+        if len(parts) == 1:  # no markers: images first, as nanoVLM does
+            return block * num_images + self.text_ids(text)
+        if len(parts) - 1 != num_images:
+            raise ValueError(f"the text has {len(parts) - 1} {IMAGE_TOKEN} markers but {num_images} images were given")
+        ids = self.text_ids(parts[0])
+        for part in parts[1:]:
+            ids += block + self.text_ids(part)
+        return ids
+
+    # -- conversations ------------------------------------------------------------------------
+
+    def encode_conversation(self, turns: list[dict], images=(), add_generation_prompt: bool = False) -> dict:
+        """Tokenise a conversation in the_cauldron's format: turns = [{"user": ..., "assistant": ...}, ...].
+
+        Images (all of them) go into the first user turn. Labels are the answer tokens plus the closing
+        <|im_end|> of every assistant turn (so the model learns to stop); -100 elsewhere. With
+        add_generation_prompt the last turn's assistant answer may be missing: the prompt ends with
+        "<|im_start|>assistant\\n", ready for `generate`.
+        """
+        if not turns:
+            raise ValueError("the conversation has no turns: each sample needs at least one user question")
+        pixel_values = self.preprocess_images(list(images))
+        input_ids: list[int] = []
+        labels: list[int] = []
+
+        def add(ids, trained: bool):
+            input_ids.extend(ids)
+            labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+
+        if self.system_prompt is not None:
+            add(self.text_ids(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"), False)
+        for i, turn in enumerate(turns):
+            user = turn.get("user")
+            if not isinstance(user, str) or not user.strip():
+                raise ValueError(f"turn {i} has an empty user message: {turn!r}")
+            add(self.text_ids("<|im_start|>user\n"), False)
+            add(self.user_content_ids(user, len(pixel_values) if i == 0 else 0), False)
+            add(self.text_ids("<|im_end|>\n<|im_start|>assistant\n"), False)
+            answer = turn.get("assistant")
+            last = i == len(turns) - 1
+            if answer is None and last and add_generation_prompt:
+                break
+            if not isinstance(answer, str) or not answer.strip():
+                raise ValueError(f"turn {i} has an empty assistant answer: {turn!r}")
+            add(self.text_ids(answer) + [self.eos_token_id], True)
+            add(self.text_ids("\n"), False)
+        if len(input_ids) > self.config.max_length:
+            raise ValueError(
+                f"the sample is {len(input_ids)} tokens long, over max_length={self.config.max_length}: shorten "
+                "the text, use fewer images, or raise VLMConfig.max_length (within the decoder's context)"
+            )
+        return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+
+    def encode_prompt(self, question: str, images=()) -> dict:
+        """A single question, ready for generation."""
+        return self.encode_conversation([{"user": question}], images, add_generation_prompt=True)
+
+    # -- batching -----------------------------------------------------------------------------
+
+    def pad(self, samples: list[dict], padding_side: str = "right") -> dict:
+        """Pad encoded samples into a batch. Training pads on the right; generation on the left, so that every
+        row's last position is its real last token and new tokens line up."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        longest = max(len(s["input_ids"]) for s in samples)
+        batch = {"input_ids": [], "attention_mask": [], "labels": []}
+        for s in samples:
+            n = len(s["input_ids"])
+            pad = longest - n
+            labels = s.get("labels", torch.full((n,), IGNORE_INDEX))
+            pieces = {
+                "input_ids": (s["input_ids"], torch.full((pad,), self.pad_token_id)),
+                "attention_mask": (torch.ones(n, dtype=torch.long), torch.zeros(pad, dtype=torch.long)),
+                "labels": (labels, torch.full((pad,), IGNORE_INDEX)),
+            }
+            for key, (real, padding) in pieces.items():
+                batch[key].append(torch.cat([padding, real] if padding_side == "left" else [real, padding]))
+        out = {key: torch.stack(rows) for key, rows in batch.items()}
+        out["pixel_values"] = torch.cat([s["pixel_values"] for s in samples])  # images in order of appearance
+        return out
+
+    def __call__(self, images, questions, answers=None, padding_side: str | None = None) -> dict:
+        """Batch of (image or list of images, question[, answer]) -> input_ids, attention_mask, pixel_values, labels.
+
+        With answers: a training batch (right padding, answer-only labels). Without: a generation batch
+        (left padding).
+        """
+        if isinstance(questions, str):
+            images, questions = [images], [questions]
+            answers = None if answers is None else [answers]
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images for {len(questions)} questions: pass one image (or list) each")
+        samples = []
+        for i, (image, question) in enumerate(zip(images, questions)):
+            image_list = image if isinstance(image, (list, tuple)) else [image]
+            if answers is None:
+                samples.append(self.encode_prompt(question, image_list))
+            else:
+                samples.append(self.encode_conversation([{"user": question, "assistant": answers[i]}], image_list))
+        return self.pad(samples, padding_side or ("left" if answers is None else "right"))
+
+    def decode(self, token_ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens).strip()
+
+    def batch_decode(self, token_ids) -> list[str]:
+        return [self.decode(row) for row in token_ids]

@@ -1,0 +1,196 @@
+"""The vision-language model: a ViT, a projector and a decoder, glued at the image-token positions.
+
+    pixel_values (N, 3, H, W) -> VisionEncoder -> (N, P, Dv) -> ModalityProjector -> (N, P / r^2, Dt)
+    input_ids (B, T) with <image> placeholders -> token embeddings (B, T, Dt)
+    splice: the i-th block of placeholders gets the i-th image's projected features
+    -> Decoder -> logits (B, T, V); loss on the answer tokens only
+
+The decoder's vocabulary stays as pretrained: the <image> id (appended by the tokenizer) is never looked
+up in the embedding table (its positions are overwritten), and the LM head never predicts it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .config import Profile, VLMConfig, get_profile
+from .decoder import Decoder
+from .processing import IGNORE_INDEX
+from .projector import ModalityProjector
+from .vision import VisionEncoder
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+@dataclass
+class VLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def splice_image_features(
+    token_embeds: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor, image_token_id: int
+) -> torch.Tensor:
+    """Write image features (N, P, D), in order, over the positions where input_ids == image_token_id."""
+    is_image = input_ids == image_token_id
+    num_slots, num_features = int(is_image.sum()), image_features.shape[0] * image_features.shape[1]
+    if num_slots != num_features:
+        raise ValueError(
+            f"the text has {num_slots} image tokens but the {image_features.shape[0]} images give {num_features} "
+            f"features ({image_features.shape[1]} each): every image needs exactly one block of image tokens "
+            "(build inputs with the processor)"
+        )
+    # masked_scatter fills the True positions in row-major order: sample 0's images first, then sample 1's.
+    features = image_features.reshape(-1, image_features.shape[-1]).to(token_embeds.dtype)
+    return token_embeds.masked_scatter(is_image.unsqueeze(-1), features)
+
+
+def answer_only_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts token t + 1; -100 labels (prompt, image, padding) are skipped."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, config: VLMConfig):
+        super().__init__()
+        self.config = config
+        self.vision = VisionEncoder(config.vision)
+        self.projector = ModalityProjector(config.projector, config.vision.hidden_size, config.decoder.hidden_size)
+        self.decoder = Decoder(config.decoder)
+
+    @property
+    def image_token_id(self) -> int:
+        if self.config.image_token_id is None:
+            raise ValueError("config.image_token_id is unset: build a VLMProcessor with this config first")
+        return self.config.image_token_id
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, tokens_per_image, decoder width)."""
+        return self.projector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        is_image = input_ids == self.image_token_id
+        # The <image> id may lie outside the embedding table: look up a harmless id there instead.
+        token_embeds = self.decoder.embed_tokens(input_ids.masked_fill(is_image, 0))
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if is_image.any():
+                raise ValueError(f"the text has {int(is_image.sum())} image tokens but no images were given")
+            return token_embeds
+        return splice_image_features(token_embeds, input_ids, self.encode_images(pixel_values), self.image_token_id)
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None) -> VLMOutput:
+        embeds = self.embed(input_ids, pixel_values)
+        logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask).logits
+        loss = answer_only_loss(logits, labels) if labels is not None else None
+        return VLMOutput(logits=logits, loss=loss)
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32, **kwargs):
+        """New tokens (B, <= max_new_tokens) for a left-padded batch; options as `decoder.generate`."""
+        kwargs.setdefault("eos_token_id", self.config.decoder.eos_token_id)
+        embeds = self.embed(input_ids, pixel_values)
+        return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                     max_new_tokens=max_new_tokens, **kwargs)
+
+    # -- building -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_profile(cls, profile: str | Profile | None = None, load_weights: bool = True) -> "VisionLanguageModel":
+        """A model per profile: pretrained vision/decoder weights where the profile names them."""
+        profile = profile if isinstance(profile, Profile) else get_profile(profile)
+        config = profile.config
+        if load_weights and profile.vision_weights:
+            vision = VisionEncoder.from_siglip(profile.vision_weights)
+            config.vision = vision.cfg
+        if load_weights and profile.decoder_weights:
+            decoder = Decoder.from_llama(profile.decoder_weights)
+            config.decoder = decoder.cfg
+        model = cls(config)
+        if load_weights and profile.vision_weights:
+            model.vision = vision
+        if load_weights and profile.decoder_weights:
+            model.decoder = decoder
+        return model
+
+    @classmethod
+    def from_idefics3(cls, path) -> "VisionLanguageModel":
+        """Load a SmolVLM / Idefics3 checkpoint (one image tile, no splitting) through our name maps."""
+        from .weights import load_idefics3
+
+        return load_idefics3(path)
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save_pretrained(self, folder, trainable_only: bool = False) -> Path:
+        """Write config.json + model.safetensors atomically: a temporary folder renamed into place."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.decoder.tie_word_embeddings:
+            state.pop("decoder.lm_head.weight", None)  # the same tensor as the embeddings
+        if trainable_only:
+            trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+            state = {k: v for k, v in state.items() if k in trainable}
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        try:
+            self.config.save(tmp / CONFIG_NAME)
+            save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "library": "vlm_course"})
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}-old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(folder, old)
+                os.replace(tmp, folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "VisionLanguageModel":
+        folder = Path(folder)
+        if not (folder / CONFIG_NAME).exists() or not (folder / WEIGHTS_NAME).exists():
+            raise FileNotFoundError(
+                f"{folder} is not a saved VisionLanguageModel (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
+                "save one with model.save_pretrained(folder)"
+            )
+        model = cls(VLMConfig.load(folder / CONFIG_NAME))
+        state = load_file(folder / WEIGHTS_NAME)
+        result = model.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if k != "decoder.lm_head.weight"]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"{folder} does not match its config: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+            )
+        return model.to(dtype).eval()
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+@torch.no_grad()
+def answer(model: VisionLanguageModel, processor, images, questions, max_new_tokens: int = 24, **kwargs) -> list[str]:
+    """Answer a batch of questions (one image or list of images each); greedy unless temperature > 0."""
+    single = isinstance(questions, str)
+    batch = processor(images, questions)
+    device = next(model.parameters()).device
+    new_tokens = model.generate(
+        batch["input_ids"].to(device), batch["pixel_values"].to(device), batch["attention_mask"].to(device),
+        max_new_tokens=max_new_tokens, eos_token_id=processor.eos_token_id, pad_token_id=processor.pad_token_id,
+        **kwargs,
+    )
+    answers = processor.batch_decode(new_tokens)
+    return answers[0] if single else answers
