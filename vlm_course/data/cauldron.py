@@ -1,0 +1,358 @@
+"""Load the_cauldron (HuggingFaceM4/the_cauldron) or local parquet in its schema, cleanly.
+
+One code path for three sources:
+
+    load_cauldron(["vsr", "ai2d"])                              # the hub (needs network)
+    load_cauldron({"shapes": 2, "ocr": 1}, data_dir="assets/mini_cauldron")   # local parquet
+    load_mini_cauldron("test")                                  # the committed synthetic subsets
+
+What it does after loading each subset:
+
+1. split:  the hub has only a `train` split. `val_fraction` carves a validation split out of it by
+           hashing each row's image bytes, so the split never depends on the seed, the order or the
+           mixing, and an image never sits in both splits.
+2. clean:  rows with no images, undecodable image bytes, no texts, or a turn without a user or
+           assistant string are skipped and counted in a LoadReport, never a crash.
+3. mix:    subsets are interleaved by mixing weights with a seeded sampler: the same seed gives the
+           same sequence of rows, streaming or not.
+
+Clean rows look like {"images": [PIL RGB, ...], "texts": [{"user", "assistant", "source"}, ...],
+"source": subset}; several turns stay one conversation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+HUB_REPO = "HuggingFaceM4/the_cauldron"
+SKIP_REASONS = ("no_images", "undecodable_image", "no_texts", "bad_turn")
+VALIDATION_SPLITS = ("validation", "val")
+
+
+@dataclass
+class LoadReport:
+    """What the loader read, kept and skipped (per reason) for one pass over the data."""
+
+    seen: int = 0  # rows of the requested split that were examined
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> rows
+    kept_per_source: Counter = field(default_factory=Counter)  # subset -> rows
+
+    def summary(self) -> str:
+        sources = ", ".join(f"{name} {n}" for name, n in sorted(self.kept_per_source.items()))
+        line = f"kept {self.kept} of {self.seen} rows ({sources or 'none'})"
+        if self.skipped:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
+            line += f"; skipped {sum(self.skipped.values())}: {reasons}"
+        return line
+
+    def merge(self, other: LoadReport) -> LoadReport:
+        return LoadReport(self.seen + other.seen, self.kept + other.kept, self.skipped + other.skipped,
+                          self.kept_per_source + other.kept_per_source)
+
+
+# -----------------------------------------------------------------------------
+# one row
+
+
+def _image_bytes(value) -> bytes | None:
+    """Raw bytes of one stored image: an HF Image struct {"bytes", "path"}, bytes, or a file path."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str) and os.path.isfile(value):
+        return Path(value).read_bytes()
+    return None
+
+
+def _decode(data: bytes) -> Image.Image | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")  # convert() loads the pixels: truncated files fail here
+    except Exception:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError, ...)
+        return None
+
+
+def _decode_images(raw_images):
+    """All images of a row as PIL RGB, or (None, reason) when there are none or one does not decode."""
+    if not raw_images:
+        return None, "no_images"
+    images = []
+    for value in raw_images:
+        data = _image_bytes(value)
+        image = _decode(data) if data else None
+        if image is None:
+            return None, "undecodable_image"
+        images.append(image)
+    return images, None
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _clean_turns(texts, subset: str):
+    """The turns as plain dicts, or (None, reason) when the conversation is unusable."""
+    if not texts:
+        return None, "no_texts"
+    turns = []
+    for turn in texts:
+        if not isinstance(turn, dict) or not (_is_text(turn.get("user")) and _is_text(turn.get("assistant"))):
+            return None, "bad_turn"
+        turns.append({"user": turn["user"], "assistant": turn["assistant"], "source": turn.get("source") or subset})
+    return turns, None
+
+
+def split_key(raw_images, texts) -> bytes:
+    """What decides a row's split: its image bytes (so an image never lands in two splits), else its texts."""
+    digest = hashlib.blake2b(digest_size=8)
+    blobs = [_image_bytes(v) for v in raw_images or []]
+    if any(blobs):
+        for blob in blobs:
+            digest.update(blob or b"")
+    else:
+        digest.update(repr(texts).encode())
+    return digest.digest()
+
+
+def in_validation(key: bytes, val_fraction: float) -> bool:
+    return int.from_bytes(key, "big") / 2**64 < val_fraction
+
+
+def _clean_rows(dataset, subset: str, want_validation: bool | None, val_fraction: float, report: LoadReport):
+    """Yield the clean rows of one subset that belong to the requested split, counting the rest."""
+    for raw in _undecoded_rows(dataset):
+        raw_images, texts = raw.get("images"), raw.get("texts")
+        if want_validation is not None:
+            if in_validation(split_key(raw_images, texts), val_fraction) != want_validation:
+                continue  # the other split's row: not examined, not counted
+        report.seen += 1
+        turns, reason = _clean_turns(texts, subset)
+        if reason is None:
+            images, reason = _decode_images(raw_images)
+        if reason is not None:
+            report.skipped[reason] += 1
+            continue
+        report.kept += 1
+        report.kept_per_source[subset] += 1
+        yield {"images": images, "texts": turns, "source": subset}
+
+
+# -----------------------------------------------------------------------------
+# mixing
+
+
+def _interleave(streams: dict, weights: dict[str, float], seed: int, max_samples: int | None):
+    """Pick the next subset at random by weight until max_samples rows or every subset runs out."""
+    rng = np.random.default_rng(seed)
+    active = [name for name in streams if weights[name] > 0]
+    iterators = {name: iter(streams[name]) for name in active}
+    produced = 0
+    while active and (max_samples is None or produced < max_samples):
+        p = np.array([weights[name] for name in active], dtype=np.float64)
+        name = active[int(rng.choice(len(active), p=p / p.sum()))]
+        row = next(iterators[name], None)
+        if row is None:  # exhausted: the others share its weight from now on
+            active.remove(name)
+            continue
+        produced += 1
+        yield row
+
+
+class CauldronStream:
+    """A re-iterable stream of clean rows; `report` describes the latest (or current) pass."""
+
+    def __init__(self, sources: dict, weights: dict[str, float], seed: int, max_samples: int | None,
+                 want_validation: bool | None, val_fraction: float, verbose: bool):
+        self.sources, self.weights, self.seed, self.max_samples = sources, weights, seed, max_samples
+        self.want_validation, self.val_fraction, self.verbose = want_validation, val_fraction, verbose
+        self.report = LoadReport()
+
+    def __iter__(self):
+        report = self.report = LoadReport()
+        streams = {name: _clean_rows(ds, name, self.want_validation, self.val_fraction, report)
+                   for name, ds in self.sources.items()}
+        yield from _interleave(streams, self.weights, self.seed, self.max_samples)
+        _announce(report, self.verbose)
+
+
+class CauldronRows(list):
+    """A list of clean rows with the LoadReport of the pass that built it."""
+
+    report: LoadReport
+
+
+def _announce(report: LoadReport, verbose: bool) -> None:
+    line = "the_cauldron loader: " + report.summary()
+    (logger.warning if report.skipped else logger.info)(line)
+    if verbose:
+        print(line)
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def _mixing_weights(subsets, weights) -> dict[str, float]:
+    if isinstance(subsets, str):
+        subsets = [subsets]
+    if isinstance(subsets, dict):
+        if weights is not None:
+            raise ValueError("give mixing weights either as a dict {subset: weight} or as `weights`, not both")
+        mix = {str(name): float(w) for name, w in subsets.items()}
+    else:
+        names = list(subsets)
+        weights = [1.0] * len(names) if weights is None else list(weights)
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} subsets but {len(weights)} weights: give one weight per subset")
+        mix = {str(name): float(w) for name, w in zip(names, weights)}
+    if not mix:
+        raise ValueError("no subsets given: pass a list of the_cauldron config names, e.g. ['vsr', 'ai2d']")
+    if any(not np.isfinite(w) or w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"mixing weights must be >= 0 with a positive sum, got {mix}")
+    return mix
+
+
+def local_files(data_dir: str | Path, subset: str, split: str) -> list[str]:
+    """Parquet files of one subset and split: {data_dir}/{subset}/{split}*.parquet (the hub's layout)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data_dir {data_dir} does not exist; point it at a folder of <subset>/<split>*.parquet")
+    files = sorted(str(p) for p in (data_dir / subset).glob(f"{split}*.parquet"))
+    if not files:
+        available = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
+        raise FileNotFoundError(f"no {split}*.parquet for subset {subset!r} in {data_dir}; "
+                                f"subsets found there: {available}")
+    return files
+
+
+def _load_subset(name: str, file_split: str, streaming: bool, data_dir):
+    if data_dir is None:
+        if file_split != "train":
+            raise ValueError(f"the_cauldron on the hub has only a 'train' split, not {file_split!r}; "
+                             "use split='validation' with val_fraction > 0 for held-out rows")
+        dataset = datasets.load_dataset(HUB_REPO, name, split="train", streaming=streaming)
+    else:
+        files = local_files(data_dir, name, file_split)
+        dataset = datasets.load_dataset("parquet", data_files={file_split: files}, split=file_split,
+                                        streaming=streaming)
+    _check_schema(dataset, name)
+    return dataset
+
+
+def _check_schema(dataset, name: str) -> None:
+    features = dataset.features
+    if features is None or "images" not in features or "texts" not in features:
+        columns = list(features) if features is not None else "unknown"
+        raise ValueError(f"subset {name!r} does not look like the_cauldron (columns: {columns}); "
+                         "expected an 'images' list and a 'texts' list of {user, assistant, source}")
+
+
+def _undecoded_rows(dataset):
+    """Rows with images left as raw {"bytes", "path"}, so a corrupt image is a skipped row, not an exception."""
+    if isinstance(dataset, datasets.Dataset):
+        # Arrow batches are never decoded, and unlike cast_column this copies nothing.
+        for batch in dataset.with_format("arrow").iter(batch_size=64):
+            yield from batch.to_pylist()
+        return
+    if isinstance(getattr(dataset.features["images"], "feature", None), datasets.Image):
+        dataset = dataset.cast_column("images", datasets.Sequence(datasets.Image(decode=False)))  # lazy
+    yield from dataset
+
+
+def load_cauldron(subsets, weights=None, max_samples: int | None = None, streaming: bool = False, seed: int = 0,
+                  val_fraction: float = 0.0, split: str = "train", data_dir=None, shuffle: bool = True,
+                  shuffle_buffer: int = 1000, verbose: bool = True):
+    """Load, split, clean and mix the_cauldron subsets.
+
+    subsets:      config names (["vsr", "ai2d"]) or a dict of mixing weights ({"vsr": 2, "ai2d": 1})
+    weights:      mixing weights for a list of names (default: equal)
+    max_samples:  stop after this many clean rows in total (default: until every subset runs out)
+    streaming:    read lazily (datasets streaming); returns a re-iterable CauldronStream
+    seed:         seeds the shuffle and the mixing; the validation split does not depend on it
+    val_fraction: share of rows held out; split="train" excludes them, split="validation" returns them
+    split:        "train", "validation", or another split present in data_dir (e.g. "test")
+    data_dir:     read local parquet {data_dir}/{subset}/{split}*.parquet instead of the hub
+
+    Returns a CauldronRows list (streaming=False) or a CauldronStream; both have `.report`.
+    Without streaming every selected image is decoded into memory: use max_samples or streaming for
+    large subsets.
+    """
+    mix = _mixing_weights(subsets, weights)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if max_samples is not None and max_samples < 0:
+        raise ValueError(f"max_samples must be >= 0 or None, got {max_samples}")
+    want_validation = None  # None: take every row of the file split
+    file_split = split
+    if split in VALIDATION_SPLITS:
+        if val_fraction <= 0:
+            raise ValueError(f"split={split!r} needs val_fraction > 0 (the validation rows are carved out of train)")
+        want_validation, file_split = True, "train"
+    elif split == "train" and val_fraction > 0:
+        want_validation = False
+
+    sources = {}
+    for name in mix:
+        dataset = _load_subset(name, file_split, streaming, data_dir)
+        if shuffle:
+            dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer) if streaming else dataset.shuffle(seed=seed)
+        sources[name] = dataset
+    stream = CauldronStream(sources, mix, seed, max_samples, want_validation, val_fraction, verbose)
+    if streaming:
+        return stream
+    rows = CauldronRows(stream)
+    rows.report = stream.report
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# the committed mini-cauldron
+
+
+def assets_dir() -> Path:
+    """The course's assets folder: $VLM_COURSE_ASSETS, else assets/ next to the vlm_course package."""
+    if os.environ.get("VLM_COURSE_ASSETS"):
+        return Path(os.environ["VLM_COURSE_ASSETS"])
+    import vlm_course
+
+    return Path(vlm_course.__file__).resolve().parent.parent / "assets"
+
+
+def load_mini_cauldron(split: str = "train", subsets=None, max_per_subset: int | None = None,
+                       verbose: bool = True) -> CauldronRows:
+    """The committed synthetic subsets (assets/mini_cauldron), in file order, grouped by subset."""
+    root = assets_dir() / "mini_cauldron"
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"mini-cauldron not found at {root}. Regenerate it with "
+            f"`python -m vlm_course.data.synthetic --out {root}` or set VLM_COURSE_ASSETS to the assets folder."
+        )
+    if subsets is None:
+        subsets = sorted(p.name for p in root.iterdir() if p.is_dir())
+    elif isinstance(subsets, str):
+        subsets = [subsets]
+    rows, report = CauldronRows(), LoadReport()
+    for name in subsets:
+        part = load_cauldron([name], max_samples=max_per_subset, split=split, data_dir=root, shuffle=False,
+                             verbose=False)
+        rows.extend(part)
+        report = report.merge(part.report)
+    rows.report = report
+    _announce(report, verbose)
+    return rows
