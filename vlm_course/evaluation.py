@@ -9,19 +9,25 @@ course matches the number a paper or leaderboard would report for the same predi
 - ANLS: the official DocVQA / InfographicVQA script (also lmms-eval's ``anls``).
 - Boxes written as text (grounding, Vary-toy style): IoU between a parsed box and the gold box.
 
-The metrics are pure Python: no torch, no numpy.
+The metrics are pure Python: no torch, no numpy. The eval loops at the end (`evaluate`, `image_gain`,
+`error_gallery`, `compare_before_after`, `eval_main`) import the model, tqdm and matplotlib only when called.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import binascii
 import io
+import itertools
 import json
 import os
 import re
+import sys
+import textwrap
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -480,3 +486,602 @@ def _decode_image(value: Any, base_dir: Path | None, index: Any):
 
 
 # --- eval loops (added later) ---
+# Everything below runs a model over questions, scores its answers with the metrics above, and reports:
+# a table per subset, an error gallery, the gain from the image, and a before/after comparison.
+
+# ---------------------------------------------------------------------------------------------------------
+# Which metric scores which question
+# ---------------------------------------------------------------------------------------------------------
+
+METRICS = ("vqa", "mc", "anls", "box")
+# Subsets whose answers need a metric other than VQA accuracy. Anything not listed is a short open answer.
+SUBSET_METRICS = {
+    "mc": "mc", "mmstar": "mc",                                        # a letter: lmms-eval's MMStar rule
+    "grounding": "box",                                                # "[x1, y1, x2, y2]": IoU >= 0.5
+    "ocr": "anls", "doc": "anls", "docvqa": "anls", "infographicvqa": "anls",  # text read off the image
+}
+# A record counts as right (green in the gallery) at this score. Binary metrics give 0 or 1; this also
+# counts VQA's 0.9 (three humans agree) and ANLS's 0.8 (one typo in five letters) as right.
+CORRECT_THRESHOLD = 0.5
+
+
+def metric_for(subset_or_metric: str) -> str:
+    """The metric name ("vqa", "mc", "anls" or "box") for a subset name or a metric name."""
+    if subset_or_metric in METRICS:
+        return subset_or_metric
+    return SUBSET_METRICS.get(subset_or_metric, "vqa")
+
+
+def exact_answer_match(subset_or_metric: str, prediction: str, answers: str | Sequence[str]) -> float:
+    """1.0 when the model said exactly a gold answer, else 0.0; reported next to every metric.
+
+    It is the strictest reading, so its gap to the metric shows how much partial credit (ANLS) or lenient
+    parsing (MMStar's letter rules; lmms-eval calls that one `exact_match`, here `mmstar_match`) adds.
+    Multiple choice: the prediction is the letter alone ("b" or "B").
+    Otherwise: equal after VQA normalisation; an empty prediction never counts (the letter "A" and the
+    word "the" both normalise to "", since articles are dropped).
+    """
+    gold = _as_answer_list(answers, f"exact_answer_match({subset_or_metric!r})")
+    if metric_for(subset_or_metric) == "mc":
+        return float(prediction.strip().upper() == gold[0].strip().upper())
+    predicted = normalize_answer(prediction)
+    return float(prediction.strip() != "" and any(predicted == normalize_answer(answer) for answer in gold))
+
+
+def _multiple_choice_score(prediction: str, letter: str) -> float:
+    if len(letter.strip()) != 1 or not letter.strip().isalpha():
+        raise ValueError(f"multiple choice: the gold answer must be one option letter such as 'B', got {letter!r}")
+    return mmstar_match(prediction, letter)
+
+
+def score_answer(subset_or_metric: str, prediction: str, answers: str | Sequence[str]) -> float:
+    """Score one prediction with the metric its subset needs (see `metric_for`).
+
+    mc -> `mmstar_match` on the gold letter; grounding -> `box_accuracy` (best over gold boxes);
+    ocr / doc -> `anls`; anything else -> `vqa_accuracy`.
+    """
+    metric = metric_for(subset_or_metric)
+    gold = _as_answer_list(answers, f"score_answer({subset_or_metric!r})")
+    if metric == "mc":
+        return _multiple_choice_score(prediction, gold[0])
+    if metric == "box":
+        return max(box_accuracy(prediction, box) for box in gold)
+    if metric == "anls":
+        return anls(prediction, gold)
+    return vqa_accuracy(prediction, gold)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Questions in, records out
+# ---------------------------------------------------------------------------------------------------------
+
+MMSTAR_POST_PROMPT = "\nAnswer with the option's letter from the given choices directly"
+_MMSTAR_YES_NO = " Please answer yes or no."  # lmms-eval deletes it whenever it adds its own prompt
+
+
+def mmstar_prompt(question: str) -> str:
+    """An MMStar question as lmms-eval's default `mmstar` task asks it.
+
+    MMStar's `question` field already lists the options ("...\\nOptions: A: ..., B: ..."); lmms-eval strips
+    it, drops " Please answer yes or no." and appends its post-prompt.
+    """
+    return question.strip().replace(_MMSTAR_YES_NO, "") + MMSTAR_POST_PROMPT
+
+
+@dataclass
+class _Question:
+    subset: str
+    question: str
+    answers: list[str]
+    images: list
+    extra: dict
+
+
+def _subset_of(row: dict[str, Any]) -> str:
+    """The subset name: the loader's row["source"], else the turn's source without the "synthetic-" prefix."""
+    source = row.get("source") or row["texts"][0].get("source") or "unknown"
+    return source.removeprefix("synthetic-")
+
+
+def _question_from_row(row: dict[str, Any], position: int) -> _Question:
+    """The first turn of a the_cauldron-style row, or an MMStar row (as `load_mmstar` returns it)."""
+    if "texts" not in row and {"question", "answer", "image"} <= set(row):
+        extra = {key: row[key] for key in ("index", "category", "l2_category") if key in row}
+        return _Question("mmstar", mmstar_prompt(row["question"]), [row["answer"]], [row["image"]], extra)
+    texts = row.get("texts")
+    if not texts or not isinstance(texts[0], dict) or "user" not in texts[0] or "assistant" not in texts[0]:
+        raise ValueError(f"row {position} has no first turn {{'user': ..., 'assistant': ...}} in 'texts': rows must be "
+                         "in the_cauldron's schema (or MMStar's: question, answer, image)")
+    first = texts[0]
+    # A row may carry several human answers (VQAv2 style); the_cauldron rows have one, the assistant's.
+    answers = list(row.get("answers") or [first["assistant"]])
+    images = row.get("images") or []
+    return _Question(_subset_of(row), first["user"], answers, list(images), {})
+
+
+@dataclass
+class EvalRecord:
+    """One question as evaluated: what was asked, what the model answered, and how that scored."""
+
+    subset: str
+    question: str
+    answers: list[str]
+    prediction: str
+    metric: str
+    score: float
+    exact: float  # normalised exact match, reported next to the metric
+    image: Any = None  # the first image the model saw (PIL); not written to JSON
+    extra: dict = field(default_factory=dict)  # MMStar's index, category and l2_category
+
+    @property
+    def correct(self) -> bool:
+        return self.score >= CORRECT_THRESHOLD
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"subset": self.subset, "question": self.question, "answers": self.answers,
+                "prediction": self.prediction, "metric": self.metric, "score": self.score, "exact": self.exact,
+                "extra": self.extra}
+
+
+def _record(question: _Question, prediction: str, image_seen) -> EvalRecord:
+    return EvalRecord(
+        subset=question.subset, question=question.question, answers=question.answers, prediction=prediction,
+        metric=metric_for(question.subset), score=score_answer(question.subset, prediction, question.answers),
+        exact=exact_answer_match(question.subset, prediction, question.answers), image=image_seen, extra=question.extra,
+    )
+
+
+def _aggregate(records: Sequence[EvalRecord], key: str) -> float:
+    """Mean of `key` over records; for MMStar records, MMStar's macro average over its sub-axes."""
+    if all("l2_category" in record.extra for record in records):
+        return mmstar_macro_average({"l2_category": record.extra["l2_category"], "score": getattr(record, key)}
+                                    for record in records)
+    return _mean([getattr(record, key) for record in records])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EvalResult: the records plus tables and files
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalResult:
+    """Records of one evaluation run, with per-subset scores, a table and JSON output.
+
+    `overall` is the mean of the per-subset scores, so every subset weighs the same however many
+    questions it has (MMStar averages its sub-axes the same way).
+    """
+
+    records: list[EvalRecord]
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def subsets(self) -> list[str]:
+        return list(dict.fromkeys(record.subset for record in self.records))  # in order of appearance
+
+    def records_of(self, subset: str) -> list[EvalRecord]:
+        return [record for record in self.records if record.subset == subset]
+
+    @property
+    def by_subset(self) -> dict[str, float]:
+        return {subset: _aggregate(self.records_of(subset), "score") for subset in self.subsets}
+
+    @property
+    def overall(self) -> float:
+        return _mean(list(self.by_subset.values()))
+
+    def mmstar_scores(self) -> dict[str, float] | None:
+        """MMStar's per-category table (lmms-eval's numbers) when the run holds MMStar questions."""
+        records = [record for record in self.records if {"category", "l2_category"} <= set(record.extra)]
+        if not records:
+            return None
+        return mmstar_category_scores({**record.extra, "score": record.score} for record in records)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One dict per subset (subset, metric, n, score, exact), then the overall row."""
+        rows = []
+        for subset in self.subsets:
+            records = self.records_of(subset)
+            rows.append({"subset": subset, "metric": records[0].metric, "n": len(records),
+                         "score": _aggregate(records, "score"), "exact": _aggregate(records, "exact")})
+        rows.append({"subset": "overall", "metric": "mean of subsets", "n": len(self.records),
+                     "score": self.overall, "exact": _mean([row["exact"] for row in rows])})
+        return rows
+
+    def format_table(self) -> str:
+        lines = [f"{'subset':<14}{'metric':<17}{'n':>6}{'score':>8}{'exact':>8}"]
+        for row in self.table():
+            lines.append(f"{row['subset']:<14}{row['metric']:<17}{row['n']:>6}{row['score']:>8.3f}{row['exact']:>8.3f}")
+        categories = self.mmstar_scores()
+        if categories:
+            lines.append("")
+            lines.append("MMStar (macro average over sub-axes, as lmms-eval reports it)")
+            lines += [f"  {name:<28}{score:>8.3f}" for name, score in categories.items()]
+        return "\n".join(lines)
+
+    __str__ = format_table
+
+    def to_dict(self) -> dict[str, Any]:
+        summary = {"overall": self.overall, "by_subset": self.by_subset, "n": len(self.records)}
+        if self.mmstar_scores():
+            summary["mmstar"] = self.mmstar_scores()
+        return {"summary": summary, "table": self.table(), "meta": self.meta,
+                "records": [record.to_dict() for record in self.records]}
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        """Write summary, table, meta and every record (without images), atomically."""
+        return _write_text_atomically(Path(path), json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> EvalResult:
+        """Read a result written by `to_json` (images are not saved, so records come back without them)."""
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        fields = ("subset", "question", "answers", "prediction", "metric", "score", "exact", "extra")
+        return cls([EvalRecord(**{key: record[key] for key in fields}) for record in data["records"]],
+                   data.get("meta", {}))
+
+
+def _write_text_atomically(path: Path, text: str) -> Path:
+    """Write to a temporary file next to `path`, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The eval loop
+# ---------------------------------------------------------------------------------------------------------
+
+def blank_fill(processor) -> tuple[int, int, int]:
+    """The colour of a blank image: the processor's normalisation mean, which normalises to (about) zero.
+
+    So the "no image" input is the most neutral one the vision encoder can get, not a black or white one.
+    """
+    vision = getattr(getattr(processor, "config", None), "vision", None)
+    mean = getattr(vision, "image_mean", (0.5, 0.5, 0.5))
+    return tuple(round(255 * channel) for channel in mean)
+
+
+def blank_like(image, fill: tuple[int, int, int] = (128, 128, 128)):
+    """An RGB image of the same size as `image`, every pixel `fill`."""
+    from PIL import Image
+
+    return Image.new("RGB", image.size, fill)
+
+
+def _gallery_copy(image, fill):
+    """What the record keeps of a blank image: a small one (a full-size copy per question would waste memory)."""
+    from PIL import Image
+
+    scale = min(1.0, 128 / max(image.size))
+    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    return Image.new("RGB", size, fill)
+
+
+MIN_NEW_TOKENS = 16
+ANSWER_MARGIN = 8  # tokens allowed beyond the longest gold answer
+
+
+def answer_budget(processor, rows: Iterable[dict[str, Any]]) -> int:
+    """How many new tokens to generate: the longest gold answer plus a margin, and at least 16.
+
+    One number for the whole run, as benchmark harnesses set one per task. A fixed 16 would silently cut
+    the boxes of the grounding subset ("[441, 671, 718, 948]" is 20 SmolLM2 tokens) and score them 0.
+    """
+    return _budget(processor, [_question_from_row(row, position) for position, row in enumerate(rows)])
+
+
+def _budget(processor, questions: Sequence[_Question]) -> int:
+    return max(MIN_NEW_TOKENS, _longest_answer(processor, questions) + ANSWER_MARGIN)
+
+
+def _longest_answer(processor, questions: Sequence[_Question]) -> int:
+    return max((len(processor.text_ids(answer)) for q in questions for answer in q.answers), default=0)
+
+
+def _warn_if_answers_are_cut(processor, questions: Sequence[_Question], max_new_tokens: int) -> None:
+    import warnings
+
+    longest = _longest_answer(processor, questions)
+    if longest >= max_new_tokens:  # the answer plus its end-of-turn token does not fit
+        warnings.warn(f"max_new_tokens={max_new_tokens} is too short for the longest gold answer ({longest} tokens "
+                      "plus the end of turn): right answers will be cut and scored wrong. Leave max_new_tokens "
+                      f"unset to use answer_budget(), here {longest + ANSWER_MARGIN}.", stacklevel=3)
+
+
+def evaluate(model, processor, rows: Iterable[dict[str, Any]], batch_size: int = 8,
+             max_new_tokens: int | None = None, blank_image: bool = False, progress: bool = True,
+             desc: str | None = None) -> EvalResult:
+    """Answer the first question of every row with greedy batched generation and score each answer.
+
+    `rows` are the_cauldron-style rows ({"images", "texts", "source"}) or MMStar rows (`load_mmstar`).
+    `max_new_tokens` defaults to `answer_budget` (at least 16, more when the gold answers are long).
+    With `blank_image=True` every image is replaced by a blank one of the same size (see `blank_fill`):
+    the score the model gets without looking. The model is put in eval mode and given back as it was.
+    """
+    from tqdm.auto import tqdm  # renders as a widget in notebooks, as text in a terminal
+
+    from .vlm import answer
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    questions = [_question_from_row(row, position) for position, row in enumerate(rows)]
+    if not questions:
+        raise ValueError("evaluate got no rows: load some data first (e.g. load_mini_cauldron('test'))")
+    if max_new_tokens is None:
+        max_new_tokens = _budget(processor, questions)
+    else:
+        _warn_if_answers_are_cut(processor, questions, max_new_tokens)
+    fill = blank_fill(processor)
+    records: list[EvalRecord] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=len(questions), desc=desc or ("eval, blank images" if blank_image else "eval"),
+                  unit="q", disable=not progress) as bar:
+            for start in range(0, len(questions), batch_size):
+                batch = questions[start:start + batch_size]
+                images = [[blank_like(image, fill) for image in q.images] if blank_image else q.images for q in batch]
+                predictions = answer(model, processor, images, [q.question for q in batch],
+                                     max_new_tokens=max_new_tokens)
+                for question, prediction in zip(batch, predictions):
+                    seen = question.images[0] if question.images else None
+                    if blank_image and seen is not None:
+                        seen = _gallery_copy(seen, fill)
+                    records.append(_record(question, prediction, seen))
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    meta = {"blank_image": blank_image, "max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    return EvalResult(records, meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gain from the image (MMStar's multi-modal gain)
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ImageGain:
+    """The same questions with the real image and with a blank one; gain = with - without.
+
+    MMStar's multi-modal gain runs the model without its image; our model always expects one, so a blank
+    image stands in for "no image". A gain near zero means the answers come from the text alone.
+    """
+
+    with_image: EvalResult
+    without_image: EvalResult
+
+    @property
+    def by_subset(self) -> dict[str, float]:
+        without = self.without_image.by_subset
+        return {subset: score - without[subset] for subset, score in self.with_image.by_subset.items()}
+
+    @property
+    def overall(self) -> float:
+        return self.with_image.overall - self.without_image.overall
+
+    def table(self) -> list[dict[str, Any]]:
+        with_image, without = self.with_image.by_subset, self.without_image.by_subset
+        rows = [{"subset": subset, "n": len(self.with_image.records_of(subset)), "with_image": with_image[subset],
+                 "blank_image": without[subset], "gain": with_image[subset] - without[subset]}
+                for subset in self.with_image.subsets]
+        rows.append({"subset": "overall", "n": len(self.with_image.records), "with_image": self.with_image.overall,
+                     "blank_image": self.without_image.overall, "gain": self.overall})
+        return rows
+
+    def format_table(self) -> str:
+        lines = [f"{'subset':<14}{'n':>6}{'image':>8}{'blank':>8}{'gain':>8}"]
+        lines += [f"{row['subset']:<14}{row['n']:>6}{row['with_image']:>8.3f}{row['blank_image']:>8.3f}"
+                  f"{row['gain']:>+8.3f}" for row in self.table()]
+        return "\n".join(lines)
+
+    __str__ = format_table
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"table": self.table(), "with_image": self.with_image.to_dict(),
+                "blank_image": self.without_image.to_dict()}
+
+
+def image_gain(model, processor, rows: Iterable[dict[str, Any]], batch_size: int = 8,
+               max_new_tokens: int | None = None, progress: bool = True) -> ImageGain:
+    """Evaluate the same rows twice, with their images and with blank ones, and report the difference."""
+    rows = list(rows)  # read twice
+    options = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "progress": progress}
+    return ImageGain(evaluate(model, processor, rows, blank_image=False, **options),
+                     evaluate(model, processor, rows, blank_image=True, **options))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Error gallery and before/after
+# ---------------------------------------------------------------------------------------------------------
+
+def _gallery_records(records: Sequence[EvalRecord], n: int, only_errors: bool) -> list[EvalRecord]:
+    """Up to n records, taking subsets in turn so that one large subset does not fill the gallery."""
+    groups: dict[str, list[EvalRecord]] = defaultdict(list)
+    for record in records:
+        if not (only_errors and record.correct):
+            groups[record.subset].append(record)
+    in_turn = itertools.chain.from_iterable(itertools.zip_longest(*groups.values()))
+    return [record for record in in_turn if record is not None][:n]
+
+
+def _shorten(text: str, width: int, max_lines: int) -> str:
+    return "\n".join(textwrap.wrap(" ".join(text.split()), width, max_lines=max_lines, placeholder=" ...")) or "''"
+
+
+def _draw_record(ax, record: EvalRecord) -> None:
+    colour = "tab:green" if record.correct else "tab:red"
+    if record.image is not None:
+        ax.imshow(record.image)
+    else:
+        ax.text(0.5, 0.5, "(image not saved)", ha="center", va="center", transform=ax.transAxes, color="grey")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(3)
+    ax.set_title(f"{record.subset} · {record.metric} {record.score:.2f}", color=colour, fontsize=9)
+    caption = (f"Q: {_shorten(record.question, 34, 3)}\n"
+               f"model: {_shorten(repr(record.prediction), 30, 2)}\n"
+               f"answer: {_shorten(' | '.join(record.answers), 30, 1)}")
+    ax.set_xlabel(caption, fontsize=7, loc="left", color=colour)
+
+
+def error_gallery(result: EvalResult, n: int = 12, only_errors: bool = True, ncols: int = 4):
+    """A matplotlib Figure: one panel per answer (image, question, prediction, gold), red wrong, green right.
+
+    With `only_errors` only wrong answers (score below CORRECT_THRESHOLD) are shown. Subsets take turns,
+    so a gallery of 12 covers every subset. Returns the Figure (not shown, not kept by pyplot): display it
+    in a notebook or `fig.savefig("gallery.png")`.
+    """
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot state, no window, nothing to close
+
+    chosen = _gallery_records(result.records, n, only_errors)
+    if not chosen:
+        figure = Figure(figsize=(4, 1.2))
+        ax = figure.add_subplot()
+        ax.axis("off")
+        what = "errors" if only_errors else "answers"
+        ax.text(0.5, 0.5, f"No {what} to show among {len(result.records)} answers", ha="center", va="center")
+        return figure
+    ncols = min(ncols, len(chosen))
+    nrows = -(-len(chosen) // ncols)
+    figure = Figure(figsize=(2.8 * ncols, 3.9 * nrows), layout="constrained")
+    for i, record in enumerate(chosen):
+        _draw_record(figure.add_subplot(nrows, ncols, i + 1), record)
+    return figure
+
+
+def _per_question_changes(before: EvalResult, after: EvalResult) -> str | None:
+    """ "fixed / broken" counts when both runs asked the same questions in the same order."""
+    same_questions = len(before.records) == len(after.records) and all(
+        (b.subset, b.question) == (a.subset, a.question) for b, a in zip(before.records, after.records))
+    if not same_questions:
+        return None
+    fixed = sum(a.correct and not b.correct for b, a in zip(before.records, after.records))
+    broken = sum(b.correct and not a.correct for b, a in zip(before.records, after.records))
+    return f"per question: {fixed} fixed, {broken} broken, {len(after.records) - fixed - broken} unchanged"
+
+
+def compare_before_after(before: EvalResult, after: EvalResult, names: tuple[str, str] = ("before", "after")) -> str:
+    """A table of per-subset scores of two runs (e.g. before and after training) and their change."""
+    def cell(scores: dict[str, float], subset: str) -> str:
+        return f"{scores[subset]:>8.3f}" if subset in scores else f"{'-':>8}"
+
+    old, new = before.by_subset, after.by_subset
+    lines = [f"{'subset':<14}{names[0]:>8}{names[1]:>8}{'change':>8}"]
+    for subset in dict.fromkeys([*before.subsets, *after.subsets]):
+        change = f"{new[subset] - old[subset]:>+8.3f}" if subset in old and subset in new else f"{'-':>8}"
+        lines.append(f"{subset:<14}{cell(old, subset)}{cell(new, subset)}{change}")
+    lines.append(f"{'overall':<14}{before.overall:>8.3f}{after.overall:>8.3f}{after.overall - before.overall:>+8.3f}")
+    changes = _per_question_changes(before, after)
+    if changes:
+        lines.append(changes)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: python -m vlm_course eval ...
+# ---------------------------------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vlm_course eval",
+        description="Evaluate a model on mini-cauldron (or MMStar) and write results.json, table.txt and "
+                    "gallery.png into --out.")
+    parser.add_argument("--model", help="folder of a saved model (save_pretrained); default: the profile's "
+                                        "model, with random weights where the profile has none")
+    parser.add_argument("--profile", help="profile to build when no --model is given: tiny, smol or nano "
+                                          "(default: $VLM_COURSE_PROFILE, else chosen by the hardware)")
+    parser.add_argument("--split", help="mini-cauldron split (default test) or MMStar split (default val)")
+    parser.add_argument("--subsets", help="comma-separated mini-cauldron subsets, e.g. shapes,count (default: all)")
+    parser.add_argument("--limit", type=_positive_int, help="at most this many questions per subset "
+                                                            "(with --mmstar: in total)")
+    parser.add_argument("--mmstar", metavar="PATH", help="evaluate on MMStar instead: a local .parquet/.jsonl "
+                                                         "file or folder (or 'Lin-Chen/MMStar' when online)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=_positive_int,
+                        help="tokens generated per answer (default: the longest gold answer + 8, at least 16)")
+    parser.add_argument("--image-gain", action="store_true",
+                        help="also answer with blank images and report the gain from the image")
+    parser.add_argument("--gallery", type=_positive_int, default=12, help="wrong answers shown in gallery.png")
+    parser.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights of an untrained model")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _load_eval_model(args: argparse.Namespace):
+    """(model, processor, description) from --model or --profile."""
+    import torch
+
+    from .config import get_profile
+    from .processing import VLMProcessor
+    from .vlm import VisionLanguageModel
+
+    if args.model:
+        model, description = VisionLanguageModel.from_pretrained(args.model), f"model {args.model}"
+    else:
+        profile = get_profile(args.profile)
+        torch.manual_seed(args.seed)  # the untrained parts are random: the same seed gives the same model
+        model = VisionLanguageModel.from_profile(profile)
+        description = f"profile {profile.name} (not trained on images)"
+    return model, VLMProcessor.from_config(model.config), description
+
+
+def _load_eval_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
+    if args.mmstar:
+        split = args.split or "val"
+        return load_mmstar(args.mmstar, split=split, limit=args.limit), f"MMStar {args.mmstar} ({split})"
+    from .data.cauldron import load_mini_cauldron
+
+    split = args.split or "test"
+    subsets = [name.strip() for name in args.subsets.split(",") if name.strip()] if args.subsets else None
+    rows = load_mini_cauldron(split, subsets=subsets, max_per_subset=args.limit, verbose=False)
+    return list(rows), f"mini-cauldron {split}"
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+    """`python -m vlm_course eval`: evaluate, write results.json, table.txt and gallery.png, print the table."""
+    parser = build_eval_parser()
+    args = parser.parse_args(argv)
+    if args.mmstar and args.subsets:
+        parser.error("--subsets chooses mini-cauldron subsets; MMStar has none (use --limit to evaluate fewer)")
+    try:
+        model, processor, model_name = _load_eval_model(args)
+        rows, data_name = _load_eval_rows(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:  # a wrong path or name, or no network
+        print(f"eval: {error}", file=sys.stderr)
+        return 2
+    options = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "progress": not args.no_progress}
+    result = evaluate(model, processor, rows, **options)
+    result.meta.update(model=model_name, data=data_name)
+
+    out = Path(args.out)
+    result.to_json(out / "results.json")
+    table = result.format_table()
+    written = ["results.json", "table.txt", "gallery.png"]
+    if args.image_gain:
+        gain = ImageGain(result, evaluate(model, processor, rows, blank_image=True, **options))
+        table += "\n\nGain from the image (real image minus blank image)\n" + gain.format_table()
+        _write_text_atomically(out / "image_gain.json", json.dumps(gain.to_dict(), indent=2) + "\n")
+        written.append("image_gain.json")
+    _write_text_atomically(out / "table.txt", table + "\n")
+    error_gallery(result, n=args.gallery).savefig(out / "gallery.png", dpi=100)
+
+    print(table)
+    print(f"{model_name} on {data_name}: overall {result.overall:.3f} (mean over {len(result.subsets)} subsets, "
+          f"{len(result.records)} questions); wrote {', '.join(written)} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(eval_main())
