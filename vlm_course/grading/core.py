@@ -1,0 +1,229 @@
+"""The grader: run a learner's function on seeded inputs, compare with the reference, name the mistake.
+
+An `Exercise` is a name, a reference with the same interface as the learner's object, a list of seeded
+`Case`s and a list of `Mutant`s: plausible wrong implementations, each with the hint to show when the
+learner's output is the mutant's output. Grading one object:
+
+    for each case:  expected = reference(case inputs),  actual = learner(case inputs)
+                    equal (within tolerance)?  next case
+                    else: does `actual` equal some mutant's output on this case?  -> that mutant's hint
+                          otherwise                                                -> what differs (shape, dtype, values)
+
+The inputs are rebuilt for every call from a fixed seed, so an implementation that modifies its inputs in
+place cannot spoil the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+class GradingError(Exception):
+    """Raised by an exercise's `call` adaptor when the learner's object cannot even be run (e.g. its parameter
+    names do not match the reference's). The message is shown to the learner as is."""
+
+
+@dataclass
+class Case:
+    """One seeded check. `inputs()` returns a fresh tuple of positional arguments for `Exercise.call`."""
+
+    name: str  # what the learner reads when this case fails: "batch 2, non-square 8x20 image, patch 4"
+    inputs: Callable[[], tuple]
+    raises: type[BaseException] | None = None  # the exercise must raise this (bad input must be refused)
+    atol: float | None = None  # None: the exercise's tolerance
+    rtol: float | None = None
+
+
+@dataclass
+class Mutant:
+    """A plausible wrong implementation, with the hint to show when the learner's output matches it."""
+
+    name: str  # short id, used in test ids: "column_major"
+    impl: Any  # same interface as the exercise's reference (a function, or a class for class exercises)
+    hint: str  # "patches come out in column-major order - flatten rows first"
+
+
+def call_function(impl: Callable, *args):
+    """The default adaptor: the learner's object is a function of the case's inputs."""
+    return impl(*args)
+
+
+@dataclass
+class Exercise:
+    name: str  # the name the learner defines in the notebook: "patchify", "ViTBlock"
+    lesson: str  # two digits: "01"
+    reference: Any  # same interface as the learner's object, built on vlm_course
+    cases: list[Case]
+    mutants: list[Mutant] = field(default_factory=list)
+    call: Callable = call_function  # call(impl, *case.inputs()) -> output; adapts classes, modules, ...
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    description: str = ""  # one line for listings
+
+
+@dataclass
+class Report:
+    name: str
+    status: str  # "passed", "failed", "not_implemented"
+    checks: int  # how many cases were run
+    message: str = ""  # the hint or the difference, empty when passed
+    case: str = ""  # the case that failed
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def line(self) -> str:
+        """The line a notebook check cell prints."""
+        if self.passed:
+            return f"✅ {self.name}: {self.checks} checks passed"
+        if self.status == "not_implemented":
+            return f"⏳ {self.name}: not implemented yet{self.message}"
+        where = f"  [check: {self.case}]" if self.case else ""
+        return f"❌ {self.name}: {self.message}{where}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Outcomes and comparison
+
+
+@dataclass
+class Outcome:
+    """What happened when an implementation ran on a case: a value, or an exception."""
+
+    value: Any = None
+    error: BaseException | None = None
+
+
+def run(exercise: Exercise, impl, case: Case) -> Outcome:
+    try:
+        return Outcome(value=exercise.call(impl, *case.inputs()))
+    except Exception as err:  # noqa: BLE001 - every learner exception becomes a message, never a traceback
+        return Outcome(error=err)
+
+
+def compare(expected, actual, atol: float, rtol: float) -> str | None:
+    """None when `actual` matches `expected`; else one sentence saying what differs."""
+    if isinstance(expected, torch.Tensor):
+        if not isinstance(actual, torch.Tensor):
+            return f"expected a torch.Tensor, got {type(actual).__name__}"
+        expected, actual = expected.detach(), actual.detach()
+        if actual.shape != expected.shape:
+            return f"wrong shape: expected {tuple(expected.shape)}, got {tuple(actual.shape)}"
+        if actual.dtype != expected.dtype:
+            return f"wrong dtype: expected {expected.dtype}, got {actual.dtype} (keep the input's dtype)"
+        if not torch.allclose(actual, expected, atol=atol, rtol=rtol, equal_nan=False):
+            diff = (actual - expected).abs()
+            worst = float(diff.nan_to_num(float("inf")).max())
+            return f"right shape, wrong values: max abs difference {worst:.3g} (tolerance {atol:g} + {rtol:g} x |expected|)"
+        return None
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(actual, (tuple, list)) or len(actual) != len(expected):
+            return f"expected a {type(expected).__name__} of {len(expected)} items, got {_describe(actual)}"
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            problem = compare(e, a, atol, rtol)
+            if problem:
+                return f"item {i}: {problem}"
+        return None
+    if isinstance(expected, bool) or expected is None:
+        return None if actual is expected else f"expected {expected!r}, got {actual!r}"
+    if isinstance(expected, numbers.Integral):
+        if isinstance(actual, bool) or not isinstance(actual, numbers.Integral):
+            return f"expected the int {expected}, got {_describe(actual)}"
+        return None if actual == expected else f"expected {expected}, got {actual}"
+    if isinstance(expected, numbers.Real):
+        if not isinstance(actual, numbers.Real) or isinstance(actual, bool):
+            return f"expected a number, got {_describe(actual)}"
+        return None if math.isclose(actual, expected, rel_tol=rtol, abs_tol=atol) else f"expected {expected:g}, got {actual:g}"
+    return None if actual == expected else f"expected {expected!r}, got {actual!r}"
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    if isinstance(x, (int, float)):
+        return f"the {type(x).__name__} {x!r}"
+    return f"a {type(x).__name__}"
+
+
+def same_outcome(a: Outcome, b: Outcome, atol: float, rtol: float) -> bool:
+    """Did two implementations do the same thing: equal values, or the same GradingError?
+
+    Other exceptions never match: two different mistakes often crash in the same reshape with the same
+    message, and naming the wrong mistake is worse than naming none.
+    """
+    if a.error is not None or b.error is not None:
+        return isinstance(a.error, GradingError) and isinstance(b.error, GradingError) and str(a.error) == str(b.error)
+    return compare(a.value, b.value, atol, rtol) is None
+
+
+def _error_message(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Grading
+
+
+def grade(exercise: Exercise, impl) -> Report:
+    """Run every case; stop at the first failure and explain it."""
+    if impl is None or not callable(impl):
+        return Report(exercise.name, "failed", 0,
+                      f"expected a function or class named {exercise.name}, got {_describe(impl)}")
+    for number, case in enumerate(exercise.cases, 1):
+        problem = grade_case(exercise, impl, case)
+        if problem is None:
+            continue
+        status, message = problem
+        return Report(exercise.name, status, number, message, case.name)
+    return Report(exercise.name, "passed", len(exercise.cases))
+
+
+def grade_case(exercise: Exercise, impl, case: Case) -> tuple[str, str] | None:
+    """None if `impl` passes `case`; else (status, message)."""
+    atol = exercise.atol if case.atol is None else case.atol
+    rtol = exercise.rtol if case.rtol is None else case.rtol
+    actual = run(exercise, impl, case)
+
+    if isinstance(actual.error, NotImplementedError):
+        # The stub itself, or a helper it calls that is still a stub: say which.
+        detail = str(actual.error)
+        named_other = detail and exercise.name not in detail.split(" ")[0]
+        return "not_implemented", (f" ({detail})" if named_other else "")
+
+    if case.raises is not None:
+        # Bad input must be refused with a clear error. The case's name says what is wrong with the input,
+        # which is the most useful hint here (mutants are not consulted: they are not about input checks).
+        if isinstance(actual.error, case.raises):
+            return None
+        got = f"raised {_error_message(actual.error)}" if actual.error else f"returned {_describe(actual.value)}"
+        return "failed", f"should raise {case.raises.__name__} with a clear message for this input, but it {got}"
+
+    if isinstance(actual.error, GradingError):  # e.g. parameter names that do not match the reference
+        hint = diagnose(exercise, case, actual, atol, rtol)
+        return "failed", f"{actual.error}" + (f" - {hint}" if hint else "")
+    if actual.error is not None:
+        return "failed", f"raised {_error_message(actual.error)}"
+
+    expected = run(exercise, exercise.reference, case)
+    if expected.error is not None:  # a broken reference is a course bug, not the learner's
+        raise RuntimeError(f"reference for {exercise.name} failed on case {case.name!r}") from expected.error
+    problem = compare(expected.value, actual.value, atol, rtol)
+    if problem is None:
+        return None
+    return "failed", diagnose(exercise, case, actual, atol, rtol) or problem
+
+
+def diagnose(exercise: Exercise, case: Case, actual: Outcome, atol: float, rtol: float) -> str | None:
+    """The hint of the first mutant that does exactly what the learner's code did on this case."""
+    for mutant in exercise.mutants:
+        if same_outcome(run(exercise, mutant.impl, case), actual, atol, rtol):
+            return mutant.hint
+    return None

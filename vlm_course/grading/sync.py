@@ -1,0 +1,267 @@
+"""Generate the student notebooks (lessons/) from the solution notebooks (solutions/), and keep both clean.
+
+    python -m vlm_course.grading.sync            write lessons/NN_*.ipynb from solutions/NN_*.ipynb
+    python -m vlm_course.grading.sync --check    exit 1 and name the files when lessons/ is out of date
+    python -m vlm_course.grading.sync clean      strip execution counts, noisy metadata and big outputs
+                                                 from solutions/ (small text outputs stay, for nbval)
+    python -m vlm_course.grading.sync clean --check
+    python -m vlm_course.grading.sync clean --execute [NAMES]
+                                                 re-run solutions in the `tiny` profile, offline, then clean
+
+In a solution notebook, an exercise's body sits between marker lines:
+
+    def patchify(images, patch_size):
+        \"\"\"(B, C, H, W) -> (B, N, C*p*p) ...\"\"\"
+        ### BEGIN SOLUTION
+        ### HINT: view as (B, C, H/p, p, W/p, p) and permute the grid axes to the front
+        b, c, h, w = images.shape
+        ...
+        ### END SOLUTION
+
+and the lesson gets, at the same indentation:
+
+        # Hint: view as (B, C, H/p, p, W/p, p) and permute the grid axes to the front
+        raise NotImplementedError("patchify is not implemented yet")
+
+Output is deterministic (same input, same bytes): cell ids are kept, JSON is written by nbformat with
+sorted keys, and nothing that depends on the machine or the time is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+BEGIN, END, HINT = "### BEGIN SOLUTION", "### END SOLUTION", "### HINT:"
+CHECK_OUTPUT = "# NBVAL_CHECK_OUTPUT"
+NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+KEPT_CELL_METADATA = ("tags",)
+MAX_KEPT_OUTPUT_CHARS = 2000  # clean: text outputs up to this size stay in solutions (nbval, readers)
+_DEF = re.compile(r"^(\s*)(?:async\s+def|def|class)\s+(\w+)")
+_CELL_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stubbing solution regions
+
+
+def stub_source(source: str, where: str = "cell") -> str:
+    """Replace every BEGIN/END SOLUTION region of one cell's source with a hint comment and a stub."""
+    lines = source.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        if lines[i].strip() != BEGIN:
+            if lines[i].strip() == END:
+                raise ValueError(f"{where}: '{END}' without a matching '{BEGIN}'")
+            out.append(lines[i])
+            i += 1
+            continue
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() in (BEGIN, END)), None)
+        if end is None or lines[end].strip() != END:
+            raise ValueError(f"{where}: '{BEGIN}' on line {i + 1} has no matching '{END}'")
+        indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+        hints = [line.strip()[len(HINT):].strip() for line in lines[i + 1:end] if line.strip().startswith(HINT)]
+        out.extend(f"{indent}# Hint: {hint}" for hint in hints)
+        out.append(f'{indent}raise NotImplementedError("{enclosing_name(lines[:i], indent)} is not implemented yet")')
+        i = end + 1
+    return "\n".join(out)
+
+
+def enclosing_name(lines_above: list[str], indent: str) -> str:
+    """The def/class a region sits in, as 'ViTBlock.forward' for methods; 'this exercise' at top level."""
+    names, level = [], len(indent)
+    for line in reversed(lines_above):
+        match = _DEF.match(line)
+        if match and len(match.group(1)) < level:
+            names.append(match.group(2))
+            level = len(match.group(1))
+    return ".".join(reversed(names)) or "this exercise"
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalising notebooks
+
+
+def normalise(nb, keep_outputs: bool) -> nbformat.NotebookNode:
+    """A copy with minimal metadata, no execution counts, stable cell ids and (optionally) small outputs only."""
+    nb = copy.deepcopy(nb)
+    nb.nbformat, nb.nbformat_minor = 4, 5
+    nb.metadata = nbformat.from_dict({"kernelspec": KERNELSPEC, "language_info": {"name": "python"}})
+    seen: set[str] = set()
+    for index, cell in enumerate(nb.cells):
+        cell.metadata = nbformat.from_dict({k: cell.metadata[k] for k in KEPT_CELL_METADATA if k in cell.metadata})
+        cell_id = cell.get("id")
+        if not cell_id or not _CELL_ID.match(cell_id) or cell_id in seen:
+            cell_id = hashlib.sha1(f"{index}:{cell.source}".encode()).hexdigest()[:12]
+        cell.id = cell_id
+        seen.add(cell_id)
+        if cell.cell_type == "code":
+            cell.execution_count = None
+            cell.outputs = small_outputs(cell) if keep_outputs else []
+        else:
+            cell.pop("outputs", None)
+            cell.pop("execution_count", None)
+    return nb
+
+
+def small_outputs(cell) -> list:
+    """Text outputs worth keeping in a solution: stdout and plain-text results, small, without counts.
+
+    Images, HTML, widgets, stderr (warnings with local paths) and errors are dropped: they are large,
+    differ between machines, or both. Cells marked NBVAL_CHECK_OUTPUT keep their text whatever its size,
+    because nbval compares it.
+    """
+    checked = CHECK_OUTPUT in cell.source
+    kept = []
+    for output in cell.get("outputs", []):
+        if output.output_type == "stream" and output.name == "stdout":
+            text = output.text
+            new = nbformat.v4.new_output("stream", name="stdout", text=text)
+        elif output.output_type == "execute_result" and "text/plain" in output.data and len(output.data) == 1:
+            text = output.data["text/plain"]
+            new = nbformat.v4.new_output("execute_result", data={"text/plain": text})
+            new.execution_count = None
+        else:
+            continue
+        if checked or len(text) <= MAX_KEPT_OUTPUT_CHARS:
+            kept.append(new)
+    return kept
+
+
+def dumps(nb) -> str:
+    text = nbformat.writes(nb, version=4)
+    return text if text.endswith("\n") else text + "\n"
+
+
+def lesson_from_solution(solution_path: Path) -> str:
+    """The lesson notebook's text for one solution notebook."""
+    nb = nbformat.read(solution_path, as_version=4)
+    nb = normalise(nb, keep_outputs=False)
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            cell.source = stub_source(cell.source, where=f"{solution_path.name} cell {index}")
+    return dumps(nb)
+
+
+def clean_solution(solution_path: Path) -> str:
+    nb = nbformat.read(solution_path, as_version=4)
+    return dumps(normalise(nb, keep_outputs=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def solution_notebooks(solutions: Path, names: list[str] | None = None) -> list[Path]:
+    paths = sorted(solutions.glob(NOTEBOOK_GLOB))
+    if names:
+        paths = [p for p in paths if any(n in p.name for n in names)]
+    return paths
+
+
+def sync_lessons(solutions: Path, lessons: Path, check: bool, names: list[str] | None = None) -> int:
+    """Write (or, with check, compare) lessons/ against solutions/. Returns the exit status."""
+    stale = []
+    paths = solution_notebooks(solutions, names)
+    for solution in paths:
+        target = lessons / solution.name
+        text = lesson_from_solution(solution)
+        current = target.read_text(encoding="utf-8") if target.exists() else None
+        if current == text:
+            continue
+        stale.append(target)
+        if not check:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+            print(f"wrote {_rel(target)}")
+    orphans = [] if names else sorted(p for p in lessons.glob(NOTEBOOK_GLOB) if not (solutions / p.name).exists())
+    for orphan in orphans:
+        print(f"{_rel(orphan)} has no solution notebook {_rel(solutions / orphan.name)}: delete it or add the solution",
+              file=sys.stderr)
+    if check and stale:
+        for target in stale:
+            print(f"out of sync: {_rel(target)} (solution changed, or the lesson was edited by hand)", file=sys.stderr)
+        print("run: python -m vlm_course.grading.sync", file=sys.stderr)
+    if check and (stale or orphans):
+        return 1
+    if check:
+        print(f"lessons/ is in sync with solutions/ ({len(paths)} notebooks)")
+    return 0
+
+
+def clean_solutions(solutions: Path, check: bool, names: list[str] | None = None) -> int:
+    dirty = []
+    for solution in solution_notebooks(solutions, names):
+        text = clean_solution(solution)
+        if solution.read_text(encoding="utf-8") == text:
+            continue
+        dirty.append(solution)
+        if not check:
+            solution.write_text(text, encoding="utf-8")
+            print(f"cleaned {_rel(solution)}")
+    if check and dirty:
+        for path in dirty:
+            print(f"not clean: {_rel(path)} (execution counts, metadata or large outputs)", file=sys.stderr)
+        print("run: python -m vlm_course.grading.sync clean", file=sys.stderr)
+        return 1
+    return 0
+
+
+def execute_solutions(solutions: Path, names: list[str] | None = None, timeout: int = 600) -> None:
+    """Re-run solution notebooks in place, as CI does (profile tiny, offline), so stored outputs are fresh."""
+    from nbclient import NotebookClient
+
+    os.environ.setdefault("VLM_COURSE_PROFILE", "tiny")
+    os.environ["HF_HUB_OFFLINE"] = os.environ["VLM_COURSE_OFFLINE"] = "1"
+    for solution in solution_notebooks(solutions, names):
+        print(f"executing {_rel(solution)} (profile {os.environ['VLM_COURSE_PROFILE']}) ...", flush=True)
+        nb = nbformat.read(solution, as_version=4)
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(solution.parent)}}).execute()
+        solution.write_text(dumps(nb), encoding="utf-8")
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm_course.grading.sync", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("words", nargs="*", metavar="[clean] NAME",
+                        help="'clean' to tidy solutions/ instead of generating lessons/; then optional names: only "
+                             "notebooks whose file name contains one of them (e.g. 01)")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a file would change")
+    parser.add_argument("--execute", action="store_true", help="clean: re-run the solutions first (profile tiny)")
+    parser.add_argument("--solutions", type=Path, default=repo_root() / "solutions")
+    parser.add_argument("--lessons", type=Path, default=repo_root() / "lessons")
+    args = parser.parse_args(argv)
+    mode = args.words.pop(0) if args.words and args.words[0] in ("clean", "lessons") else "lessons"
+    args.names = args.words
+    if mode == "clean":
+        if args.execute:
+            execute_solutions(args.solutions, args.names)
+        return clean_solutions(args.solutions, args.check, args.names)
+    if args.execute:
+        parser.error("--execute goes with the clean mode")
+    return sync_lessons(args.solutions, args.lessons, args.check, args.names)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
