@@ -1,0 +1,70 @@
+"""Deployment: from a trained VLM to a folder that runs on a Jetson Orin Nano without PyTorch.
+
+    merge.py        fold LoRA adapters into the base weights
+    onnx_export.py  vision+projector graph, decoder graph with KV-cache inputs/outputs, embeddings; parity check
+    quantize.py     dynamic int8 quantisation (onnxruntime) and its accuracy change on held-out questions
+    gguf_export.py  the decoder as a llama.cpp GGUF file; round trip through transformers' GGUF reader
+    budget.py       memory budget and decode roofline for a device (Orin Nano presets)
+    bundle.py       the bundle folder: model files, tokenizer, run.py, benchmark.py, README, manifest
+
+Command line: `python -m vlm_course export --model DIR --out BUNDLE [--int8] [--gguf | --no-gguf]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .budget import (
+    ORIN_NANO_8GB,
+    ORIN_NANO_SUPER,
+    PRESETS,
+    DevicePreset,
+    MemoryBudget,
+    decode_roofline,
+    estimate_memory,
+    measure_memory_bandwidth,
+    this_machine,
+)
+from .bundle import build_bundle, load_model_for_export, load_runtime, verify_bundle
+from .gguf_export import check_gguf_roundtrip, export_gguf
+from .merge import merge_lora_adapters
+from .onnx_export import check_onnx_parity, export_onnx, make_session
+from .quantize import compare_int8_accuracy, quantize_int8
+
+__all__ = [
+    "ORIN_NANO_8GB", "ORIN_NANO_SUPER", "PRESETS", "DevicePreset", "MemoryBudget", "build_bundle",
+    "check_gguf_roundtrip", "check_onnx_parity", "compare_int8_accuracy", "decode_roofline", "estimate_memory",
+    "export_gguf", "export_main", "export_onnx", "load_model_for_export", "load_runtime", "make_session",
+    "measure_memory_bandwidth", "merge_lora_adapters", "quantize_int8", "this_machine", "verify_bundle",
+]
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vlm_course export",
+        description="Export a saved VLM into a deployment bundle: ONNX graphs, GGUF decoder, tokenizer, "
+                    "a standalone run.py and benchmark.py, and a README for the Jetson Orin Nano.")
+    parser.add_argument("--model", required=True, help="folder written by model.save_pretrained (config.json + "
+                                                       "model.safetensors), e.g. <train output>/model")
+    parser.add_argument("--out", required=True, help="bundle folder to create")
+    parser.add_argument("--int8", action="store_true", help="also write int8 (dynamic quantisation) graphs")
+    parser.add_argument("--gguf", action=argparse.BooleanOptionalAction, default=True,
+                        help="write the decoder as GGUF for llama.cpp (default: yes)")
+    parser.add_argument("--gguf-dtype", choices=["f16", "f32"], default="f16")
+    parser.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                        help="torch.onnx exporter (see vlm_course/deploy/onnx_export.py for why torchscript)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    return parser
+
+
+def export_main(argv=None) -> int:
+    args = build_export_parser().parse_args(argv)
+    try:
+        out = build_bundle(args.model, args.out, int8=args.int8, gguf=args.gguf, gguf_dtype=args.gguf_dtype,
+                           exporter=args.exporter, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}. Try: python {out}/run.py --image IMAGE --question 'What is in the image?'")
+    return 0

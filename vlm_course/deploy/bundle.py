@@ -1,0 +1,253 @@
+"""A deployment bundle: one folder with everything needed to run the VLM without PyTorch.
+
+    bundle/
+      image_encoder.onnx  decoder.onnx  embed_tokens.npy     fp32 ONNX graphs + token embeddings
+      image_encoder_int8.onnx  decoder_int8.onnx             with int8=True
+      decoder-f16.gguf                                       with gguf=True: the decoder for llama.cpp
+      tokenizer/                                             tokenizer.json (+ '<image>'), chat template
+      config.json                                            the VLMConfig it was built from
+      bundle.json                                            what run.py needs: sizes, token ids, file names
+      run.py  benchmark.py  README.md                        standalone runner, benchmark, Jetson notes
+      manifest.json                                          size and sha256 of every file above
+
+The folder is built in a temporary directory and renamed into place at the end, so an interrupted build
+leaves no half-written bundle behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config import VLMConfig
+from .budget import device_report
+from .gguf_export import export_gguf
+from .merge import merge_lora_adapters
+from .onnx_export import DECODER_FILE, EMBEDDINGS_FILE, IMAGE_ENCODER_FILE, check_onnx_parity, export_onnx
+from .quantize import quantize_int8
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+BUNDLE_FORMAT = 1
+PARITY_TOLERANCE = 1e-3  # refuse to ship graphs whose fp32 logits differ more than this from PyTorch
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading what to export, with errors that say what is wrong
+
+
+def load_model_for_export(model_or_dir):
+    """A VisionLanguageModel (LoRA merged, float32, eval) from a model or a saved folder, checked for export."""
+    from ..vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
+
+    if isinstance(model_or_dir, nn.Module):
+        model = model_or_dir
+    else:
+        folder = Path(model_or_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder: pass the folder a model was saved to with "
+                                    "model.save_pretrained(folder) (e.g. <train output>/model)")
+        if (folder / "adapter_config.json").exists() or (folder / "trainable.safetensors").exists():
+            raise ValueError(f"{folder} holds a training checkpoint or LoRA adapter, not a full model: load it into "
+                             "the model, merge (vlm_course.training.merge_lora) and save_pretrained the result, or "
+                             "export <train output>/model, which `python -m vlm_course train` writes")
+        missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).exists()]
+        if missing:
+            raise FileNotFoundError(f"{folder} is not a saved VisionLanguageModel: it lacks {', '.join(missing)} "
+                                    "(save one with model.save_pretrained(folder))")
+        try:
+            config = VLMConfig.load(folder / CONFIG_NAME)
+        except (ValueError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{folder / CONFIG_NAME} is not a vlm_course VLMConfig ({err})") from err
+        check_weight_shapes(config, folder / WEIGHTS_NAME)
+        model = VisionLanguageModel.from_pretrained(folder)
+    model = merge_lora_adapters(model).float().eval()
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"the model has NaN/inf weights in {bad[:3]} (training diverged?): export an earlier "
+                         "checkpoint or retrain with a lower learning rate")
+    return model
+
+
+def check_weight_shapes(config: VLMConfig, weights_file: Path) -> None:
+    """Compare the safetensors header with the shapes the config implies, before loading anything."""
+    from safetensors import safe_open
+
+    from ..vlm import VisionLanguageModel
+
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        expected = {k: tuple(v.shape) for k, v in VisionLanguageModel(config).state_dict().items()}
+    try:
+        with safe_open(weights_file, framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
+        raise ValueError(f"{weights_file} is not a readable safetensors file ({err}): re-save the model") from err
+    mismatched = [f"{k}: config {expected[k]} vs weights {found[k]}" for k in found
+                  if k in expected and expected[k] != found[k]]
+    missing = sorted(set(expected) - set(found) - {"decoder.lm_head.weight"})
+    if mismatched:
+        raise ValueError(f"config.json does not belong to these weights ({len(mismatched)} shape mismatches, e.g. "
+                         f"{mismatched[0]}): keep the config.json that was saved with model.safetensors")
+    if missing:
+        raise ValueError(f"{weights_file} lacks {len(missing)} of {len(expected)} tensors (e.g. {missing[:3]}): a "
+                         "trainable-only or partial save? Export needs the full model (save_pretrained without "
+                         "trainable_only)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The runtime shipped in the bundle, loadable from here (what we test is what runs on the Jetson)
+
+
+@functools.cache
+def load_runtime():
+    """templates/run.py as a module: VLMRunner, verify_bundle, BundleError, PromptBuilder, ..."""
+    spec = importlib.util.spec_from_file_location("vlm_bundle_run", TEMPLATES / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> dict:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
+    manifest = {"format": BUNDLE_FORMAT,
+                "files": {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+                          for p in files}}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# Building
+
+
+def _runtime_config(model, processor, files: dict, parity) -> dict:
+    c = model.config
+    return {
+        "format": BUNDLE_FORMAT, "files": files,
+        "image_size": c.vision.image_size, "image_mean": list(c.vision.image_mean), "image_std": list(c.vision.image_std),
+        "image_token": c.image_token, "image_token_id": processor.image_token_id,
+        "tokens_per_image": c.image_tokens_per_image, "eos_token_id": processor.eos_token_id,
+        "system_prompt": processor.system_prompt,
+        "hidden_size": c.decoder.hidden_size, "num_layers": c.decoder.num_layers,
+        "num_kv_heads": c.decoder.num_kv_heads, "head_dim": c.decoder.head_dim,
+        "max_position_embeddings": c.decoder.max_position_embeddings,
+        "parity_max_abs": parity,
+    }
+
+
+def _readme(model, files: dict, parity: dict, gguf_file: str | None, name: str) -> str:
+    c = model.config
+    descriptions = {
+        "image_encoder": "vision encoder + projector (ONNX, fp32): pixels -> image embeddings",
+        "decoder": "decoder with KV-cache inputs/outputs (ONNX, fp32)",
+        "embed_tokens": "token-embedding matrix (numpy .npy, fp32)",
+        "image_encoder_int8": "vision graph, int8 weights (dynamic quantisation)",
+        "decoder_int8": "decoder graph, int8 weights (dynamic quantisation)",
+        "gguf": "the decoder for llama.cpp (text only)", "tokenizer": "SmolLM2 tokenizer with the <image> token",
+    }
+    rows = [f"| `{path}` | {descriptions.get(key, key)} |" for key, path in files.items()]
+    rows += ["| `bundle.json`, `config.json` | runtime settings, model config |",
+             "| `run.py`, `benchmark.py` | standalone runner and benchmark |",
+             "| `manifest.json` | size and sha256 of every file |"]
+    context = min(1024, c.decoder.max_position_embeddings)
+    budget = "\n\n".join(device_report(c, preset, weights="fp16", kv_bits="fp16", context_length=context)
+                         for preset in ("orin-nano", "orin-nano-super"))
+    if gguf_file:
+        gguf = (f"`{gguf_file}` is the language decoder alone, written with the `gguf` package in llama.cpp's "
+                "`llama` layout (tokenizer and chat template included; checked by reading it back with "
+                "transformers). With llama.cpp built for CUDA on the Jetson "
+                "(`cmake -B build -DGGML_CUDA=ON && cmake --build build -j`):\n\n"
+                f"```bash\n./build/bin/llama-cli -m {gguf_file} -ngl 99 -cnv   # text chat, all layers on the GPU\n"
+                f"./build/bin/llama-quantize {gguf_file} decoder-q4_0.gguf Q4_0   # ~4.5 bits per weight\n```\n\n"
+                "It answers text questions only: llama.cpp takes images through a separate `mmproj` file, which "
+                "this bundle does not have (the ONNX image encoder plays that role for run.py).")
+    else:
+        gguf = "This bundle was built without a GGUF file (`--gguf`)."
+    parity_text = ", ".join(f"{k} {v:.1e}" for k, v in parity.items()) + " max abs difference (fp32)"
+    params = model.num_parameters
+    summary = (f"{params / 1e6:.1f}M parameters; {c.vision.image_size}px images -> {c.image_tokens_per_image} "
+               f"image tokens; decoder {c.decoder.num_layers} layers x {c.decoder.hidden_size} wide, context "
+               f"{c.decoder.max_position_embeddings}.")
+    text = (TEMPLATES / "README.md").read_text()
+    for key, value in {"NAME": name, "CREATED": datetime.date.today().isoformat(), "FILES": "\n".join(rows),
+                       "MODEL_SUMMARY": summary, "PARITY": parity_text, "GGUF": gguf, "CONTEXT": str(context),
+                       "BUDGET": budget}.items():
+        text = text.replace("{{" + key + "}}", value)
+    return text
+
+
+def build_bundle(model_dir_or_model, out_dir, int8: bool = False, gguf: bool = True, gguf_dtype: str = "f16",
+                 exporter: str = "torchscript", overwrite: bool = False, verify: bool = True) -> Path:
+    """Export a trained VLM (a saved folder or a model) into a self-contained bundle folder; returns its path.
+
+    verify: run the exported fp32 graphs against PyTorch on random inputs and refuse to write the bundle if
+    the logits differ by more than PARITY_TOLERANCE (the figures go into bundle.json and README.md).
+    """
+    from ..processing import VLMProcessor
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists: choose another --out or pass overwrite=True (--overwrite)")
+    model = load_model_for_export(model_dir_or_model)
+    processor = VLMProcessor.from_config(model.config)
+    model.config.image_token_id = processor.image_token_id
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-building-"))
+    try:
+        export_onnx(model, tmp, exporter=exporter)
+        files = {"image_encoder": IMAGE_ENCODER_FILE, "decoder": DECODER_FILE, "embed_tokens": EMBEDDINGS_FILE}
+        parity = {}
+        if verify:
+            result = check_onnx_parity(model, tmp)
+            parity = {"image_embeds": result.image_embeds, "prefill_logits": result.prefill_logits,
+                      "decode_logits": result.decode_logits}
+            if max(parity.values()) > PARITY_TOLERANCE:
+                raise RuntimeError(f"the ONNX export differs from PyTorch by {max(parity.values()):.2e} "
+                                   f"(> {PARITY_TOLERANCE}): not writing a bundle; details {parity}")
+        if int8:
+            for key in ("image_encoder", "decoder"):
+                target = files[key].replace(".onnx", "_int8.onnx")
+                quantize_int8(tmp / files[key], tmp / target)
+                files[f"{key}_int8"] = target
+        processor.tokenizer.save_pretrained(tmp / "tokenizer")
+        files["tokenizer"] = "tokenizer/tokenizer.json"
+        gguf_file = None
+        if gguf:
+            gguf_file = f"decoder-{gguf_dtype}.gguf"
+            export_gguf(model.decoder, processor.tokenizer, tmp / gguf_file, dtype=gguf_dtype)
+            files["gguf"] = gguf_file
+        model.config.save(tmp / "config.json")
+        (tmp / "bundle.json").write_text(json.dumps(_runtime_config(model, processor, files, parity), indent=2))
+        for script in ("run.py", "benchmark.py"):
+            shutil.copy(TEMPLATES / script, tmp / script)
+        (tmp / "README.md").write_text(_readme(model, files, parity, gguf_file, out_dir.name))
+        write_manifest(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def verify_bundle(folder, check_hashes: bool = True) -> dict:
+    """Check a bundle against its manifest (raises the runtime's BundleError naming missing/corrupt files)."""
+    return load_runtime().verify_bundle(Path(folder), check_hashes=check_hashes)
