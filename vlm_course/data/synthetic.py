@@ -211,25 +211,34 @@ def render(rng: np.random.Generator, image_size: int, shapes=(), text=None) -> I
     return Image.alpha_composite(background.convert("RGBA"), layer).convert("RGB")
 
 
+MIN_OBJECT_PX = 10  # smaller shapes stop being recognisable: a triangle of 6 px is a blob
+
+
 def place(rng: np.random.Generator, specs, image_size: int, size_range, accept=None, gap: float = 2.0):
     """Random non-overlapping positions for (shape, colour) specs; `accept` can demand a layout."""
-    lo, hi = size_range
-    for _attempt in range(100):
-        placed: list[Shape] = []
-        for shape, colour in specs:
-            size = rng.uniform(lo, hi) * image_size
-            for _try in range(50):
-                cx, cy = rng.uniform(size / 2 + 1, image_size - size / 2 - 1, size=2)
-                candidate = Shape(shape, colour, float(cx), float(cy), float(size))
-                if all(_apart(candidate, other, gap) for other in placed):
-                    placed.append(candidate)
-                    break
-            else:
-                break
-        if len(placed) == len(specs) and (accept is None or accept(placed)):
+    lo, hi = (max(f * image_size, MIN_OBJECT_PX) for f in size_range)
+    for _attempt in range(200):
+        placed = _try_place(rng, specs, image_size, lo, hi, gap)
+        if placed is None:  # crowded: shrink a little, but never below MIN_OBJECT_PX
+            lo, hi = max(lo * 0.95, MIN_OBJECT_PX), max(hi * 0.95, MIN_OBJECT_PX)
+        elif accept is None or accept(placed):
             return placed
-        lo, hi = lo * 0.97, hi * 0.97  # crowded: shrink a little and try again
     raise RuntimeError(f"could not place {len(specs)} shapes in a {image_size} px image; use a larger image_size")
+
+
+def _try_place(rng, specs, image_size, lo, hi, gap):
+    placed: list[Shape] = []
+    for shape, colour in specs:
+        size = rng.uniform(lo, hi)
+        for _try in range(50):
+            cx, cy = rng.uniform(size / 2 + 1, image_size - size / 2 - 1, size=2)
+            candidate = Shape(shape, colour, float(cx), float(cy), float(size))
+            if all(_apart(candidate, other, gap) for other in placed):
+                placed.append(candidate)
+                break
+        else:
+            return None
+    return placed
 
 
 def _apart(a: Shape, b: Shape, gap: float) -> bool:
@@ -239,18 +248,19 @@ def _apart(a: Shape, b: Shape, gap: float) -> bool:
 
 
 def holds(relation: str, a: Shape, b: Shape) -> bool:
-    """True when `a` is clearly `relation` of `b`: separated along that axis, and more than along the other."""
+    """True when `a` is clearly `relation` of `b`: apart along that axis, and mostly along it (< 34 degrees)."""
     dx, dy = b.cx - a.cx, b.cy - a.cy
     ax1, ay1, ax2, ay2 = a.box
     bx1, by1, bx2, by2 = b.box
+    horizontal, vertical = abs(dx) > 1.5 * abs(dy), abs(dy) > 1.5 * abs(dx)
     if relation == "left":
-        return ax2 <= bx1 and abs(dx) > abs(dy)
+        return ax2 <= bx1 and horizontal
     if relation == "right":
-        return bx2 <= ax1 and abs(dx) > abs(dy)
+        return bx2 <= ax1 and horizontal
     if relation == "above":
-        return ay2 <= by1 and abs(dy) > abs(dx)
+        return ay2 <= by1 and vertical
     if relation == "below":
-        return by2 <= ay1 and abs(dy) > abs(dx)
+        return by2 <= ay1 and vertical
     raise ValueError(f"unknown relation {relation!r}; expected one of {RELATIONS}")
 
 
@@ -331,7 +341,7 @@ def _count_scene(rng, image_size, answer):
         specs = [(_pick(rng, SHAPES), _pick(rng, COLOURS)) for _ in range(answer)]
         question = _pick(rng, COUNT_QUESTIONS["total"])
     specs = [specs[j] for j in rng.permutation(len(specs))]
-    shapes = place(rng, specs, image_size, (0.16, 0.24), gap=3.0)
+    shapes = place(rng, specs, image_size, (0.17, 0.25), gap=3.0)
     return shapes, question
 
 
