@@ -286,6 +286,7 @@ def load_cauldron(subsets, weights=None, max_samples: int | None = None, streami
     streaming:    read lazily (datasets streaming); returns a re-iterable CauldronStream
     seed:         seeds the shuffle and the mixing; the validation split does not depend on it
     val_fraction: share of rows held out; split="train" excludes them, split="validation" returns them
+                  (other splits, e.g. a local "test", are read whole)
     split:        "train", "validation", or another split present in data_dir (e.g. "test")
     data_dir:     read local parquet {data_dir}/{subset}/{split}*.parquet instead of the hub
 
