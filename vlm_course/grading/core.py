@@ -107,8 +107,12 @@ def run(exercise: Exercise, impl, case: Case) -> Outcome:
         return Outcome(error=err)
 
 
-def compare(expected, actual, atol: float, rtol: float) -> str | None:
-    """None when `actual` matches `expected`; else one sentence saying what differs."""
+def compare(expected, actual, atol: float, rtol: float, equal_nan: bool = False) -> str | None:
+    """None when `actual` matches `expected`; else one sentence saying what differs.
+
+    equal_nan: NaNs in the same places count as equal (used only to recognise a mutant: a mistake such as a
+    causal mask that hides every key from the first query gives NaN, and the learner's NaN is that mistake).
+    """
     if isinstance(expected, torch.Tensor):
         if not isinstance(actual, torch.Tensor):
             return f"expected a torch.Tensor, got {type(actual).__name__}"
@@ -117,7 +121,7 @@ def compare(expected, actual, atol: float, rtol: float) -> str | None:
             return f"wrong shape: expected {tuple(expected.shape)}, got {tuple(actual.shape)}"
         if actual.dtype != expected.dtype:
             return f"wrong dtype: expected {expected.dtype}, got {actual.dtype} (keep the input's dtype)"
-        if not torch.allclose(actual, expected, atol=atol, rtol=rtol, equal_nan=False):
+        if not torch.allclose(actual, expected, atol=atol, rtol=rtol, equal_nan=equal_nan):
             diff = (actual - expected).abs()
             worst = float(diff.nan_to_num(float("inf")).max())
             return f"right shape, wrong values: max abs difference {worst:.3g} (tolerance {atol:g} + {rtol:g} x |expected|)"
@@ -126,7 +130,7 @@ def compare(expected, actual, atol: float, rtol: float) -> str | None:
         if not isinstance(actual, (tuple, list)) or len(actual) != len(expected):
             return f"expected a {type(expected).__name__} of {len(expected)} items, got {_describe(actual)}"
         for i, (e, a) in enumerate(zip(expected, actual)):
-            problem = compare(e, a, atol, rtol)
+            problem = compare(e, a, atol, rtol, equal_nan)
             if problem:
                 return f"item {i}: {problem}"
         return None
@@ -159,7 +163,7 @@ def same_outcome(a: Outcome, b: Outcome, atol: float, rtol: float) -> bool:
     """
     if a.error is not None or b.error is not None:
         return isinstance(a.error, GradingError) and isinstance(b.error, GradingError) and str(a.error) == str(b.error)
-    return compare(a.value, b.value, atol, rtol) is None
+    return compare(a.value, b.value, atol, rtol, equal_nan=True) is None
 
 
 def _error_message(err: BaseException) -> str:
