@@ -63,17 +63,17 @@ def _finish(fig, show: bool):
     return fig
 
 
-def _widget_or_static(make_widget: Callable, draw_static: Callable, static: bool | None):
+def _widget_or_static(make_widget: Callable, draw_static: Callable, static: bool | None) -> None:
     """Show an ipywidgets control in a live kernel; otherwise (or if ipywidgets is missing) a static figure."""
     if static is None:
         static = not in_live_kernel()
     if not static:
         try:
-            return make_widget()
+            make_widget()
+            return
         except ImportError:
             pass
     draw_static()
-    return None
 
 
 # ==============================================================================================
@@ -139,7 +139,7 @@ def patch_explorer(image, patch_size: int, index: int = 0, mean=None, std=None, 
         import ipywidgets as widgets
 
         slider = widgets.IntSlider(value=index, min=0, max=count - 1, description="patch", continuous_update=False)
-        return widgets.interact(lambda patch: show_patch(array, patch_size, patch), patch=slider)
+        widgets.interact(lambda patch: show_patch(array, patch_size, patch), patch=slider)
 
     return _widget_or_static(make_widget, lambda: show_patch(array, patch_size, index), static)
 
@@ -175,9 +175,11 @@ def plot_position_similarity(position_embeddings: torch.Tensor, grid_size: int |
     if positions is None:
         positions = [0, cols // 2, (rows // 2) * cols + cols // 2, rows * cols - 1]
     positions = list(positions)
+    maps = [similarity[p].reshape(rows, cols).numpy() for p in positions]
+    low, high = min(m.min() for m in maps), max(m.max() for m in maps)  # one colour scale per figure
     fig, axes = plt.subplots(1, len(positions), figsize=(2.6 * len(positions), 2.8))
-    for ax, p in zip(np.atleast_1d(axes), positions):
-        image = ax.imshow(similarity[p].reshape(rows, cols).numpy(), cmap="viridis", vmin=-1, vmax=1)
+    for ax, p, similarity_map in zip(np.atleast_1d(axes), positions, maps):
+        image = ax.imshow(similarity_map, cmap="viridis", vmin=low, vmax=high)
         ax.plot(p % cols, p // cols, "r+", markersize=10)
         ax.set_title(f"position {p}", fontsize=9)
         ax.set_xticks([])
@@ -238,7 +240,7 @@ def attention_explorer(image, weights: torch.Tensor, patch_size: int, query: int
         import ipywidgets as widgets
 
         slider = widgets.IntSlider(value=query, min=0, max=count - 1, description="query", continuous_update=False)
-        return widgets.interact(lambda q: plot_attention_map(array, weights, patch_size, q), q=slider)
+        widgets.interact(lambda q: plot_attention_map(array, weights, patch_size, q), q=slider)
 
     return _widget_or_static(make_widget, lambda: plot_attention_map(array, weights, patch_size, query), static)
 
@@ -273,7 +275,7 @@ def plot_pixel_shuffle(grid_size: int, r: int, shuffle: Callable | None = None, 
     for t in range(tokens.shape[0]):
         for s in range(r * r):
             right.text(s, t, str(int(tokens[t, s])), ha="center", va="center", fontsize=8)
-    right.set_xlabel(f"slot in the token (each slot = one patch vector of D numbers; token width {r * r}D)")
+    right.set_xlabel(f"slot = one patch vector (D numbers); a token is {r * r}D wide")
     right.set_ylabel("token")
     right.set_title(f"{tokens.shape[0]} tokens, patches in concatenation order")
     for axis in (left, right):
@@ -303,15 +305,14 @@ def plot_tokens_vs_resolution(token_fn: Callable[[int, int, int], int], patch_si
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker=".", label=f"r = {r}")
-    for name, (s, p, r) in (marks or {}).items():
+    for (name, (s, p, r)), marker in zip((marks or {}).items(), "*DPXsv^<>"):
         tokens = token_fn(s, p, r)
-        ax.plot([s], [tokens], "k*", markersize=11)
-        ax.annotate(f"{name}\n{s}px/p{p}/r{r}: {tokens}", (s, tokens), textcoords="offset points", xytext=(6, 6),
-                    fontsize=8)
+        ax.plot([s], [tokens], marker, color="black", markersize=9, linestyle="none",
+                label=f"{name}: {s} px, patch {p}, r={r} -> {tokens}")
     ax.set_yscale("log")
     ax.set_xlabel(f"image size (px, square; patch size {patch_size} for the lines)")
     ax.set_ylabel("image tokens per image")
     ax.set_title("tokens grow with the square of the resolution; pixel shuffle divides them by r^2")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower right")
     return _finish(fig, show)

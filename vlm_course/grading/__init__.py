@@ -13,14 +13,20 @@ See README.md in this folder for how to add an exercise.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
-from .core import Case, Exercise, GradingError, Mutant, Report, grade
-from .extract import extract_definitions
-from .registry import all_exercises, get_exercise, register
+# Imported lazily, so that `python -m vlm_course.grading.sync` (no torch needed) starts fast.
+_LAZY = {"Case": "core", "Exercise": "core", "GradingError": "core", "Mutant": "core", "Report": "core",
+         "grade": "core", "extract_definitions": "extract", "all_exercises": "registry", "get_exercise": "registry",
+         "register": "registry"}
+__all__ = sorted([*_LAZY, "check"])
 
-__all__ = ["Case", "Exercise", "GradingError", "Mutant", "Report", "all_exercises", "check", "extract_definitions",
-           "get_exercise", "grade", "register"]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _MISSING = object()
 
@@ -30,6 +36,9 @@ def check(name: str, obj=_MISSING) -> None:
 
     `obj` defaults to the variable called `name` in the caller's namespace (the notebook's globals).
     """
+    from .core import grade
+    from .registry import get_exercise
+
     try:
         exercise = get_exercise(name)
     except KeyError as err:

@@ -3,7 +3,8 @@
     python -m vlm_course.grading.sync            write lessons/NN_*.ipynb from solutions/NN_*.ipynb
     python -m vlm_course.grading.sync --check    exit 1 and name the files when lessons/ is out of date
     python -m vlm_course.grading.sync clean      strip execution counts, noisy metadata and big outputs
-                                                 from solutions/ (small text outputs stay, for nbval)
+                                                 from solutions/ (small text outputs stay, for nbval and
+                                                 readers; such cells keep a stable count, nbval needs one)
     python -m vlm_course.grading.sync clean --check
     python -m vlm_course.grading.sync clean --execute [NAMES]
                                                  re-run solutions in the `tiny` profile, offline, then clean
@@ -96,11 +97,15 @@ def enclosing_name(lines_above: list[str], indent: str) -> str:
 
 
 def normalise(nb, keep_outputs: bool) -> nbformat.NotebookNode:
-    """A copy with minimal metadata, no execution counts, stable cell ids and (optionally) small outputs only."""
+    """A copy with minimal metadata, stable cell ids, and either no outputs or small text outputs only.
+
+    Execution counts are cleared, except on cells that keep outputs (see below): those get their ordinal.
+    """
     nb = copy.deepcopy(nb)
     nb.nbformat, nb.nbformat_minor = 4, 5
     nb.metadata = nbformat.from_dict({"kernelspec": KERNELSPEC, "language_info": {"name": "python"}})
     seen: set[str] = set()
+    code_cells = 0
     for index, cell in enumerate(nb.cells):
         cell.metadata = nbformat.from_dict({k: cell.metadata[k] for k in KEPT_CELL_METADATA if k in cell.metadata})
         cell_id = cell.get("id")
@@ -109,8 +114,11 @@ def normalise(nb, keep_outputs: bool) -> nbformat.NotebookNode:
         cell.id = cell_id
         seen.add(cell_id)
         if cell.cell_type == "code":
-            cell.execution_count = None
+            code_cells += 1
             cell.outputs = small_outputs(cell) if keep_outputs else []
+            # nbval refuses stored outputs on a cell with no execution count ("unrun reference cell"), so a
+            # cell that keeps outputs gets a stable count: its number among the code cells.
+            cell.execution_count = code_cells if cell.outputs else None
         else:
             cell.pop("outputs", None)
             cell.pop("execution_count", None)
@@ -136,7 +144,11 @@ def small_outputs(cell) -> list:
             new.execution_count = None
         else:
             continue
-        if checked or len(text) <= MAX_KEPT_OUTPUT_CHARS:
+        if not (checked or len(text) <= MAX_KEPT_OUTPUT_CHARS):
+            continue
+        if kept and new.output_type == "stream" and kept[-1].output_type == "stream":
+            kept[-1].text += text  # a kernel sends one print in several chunks: store them as one
+        else:
             kept.append(new)
     return kept
 
@@ -251,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--execute", action="store_true", help="clean: re-run the solutions first (profile tiny)")
     parser.add_argument("--solutions", type=Path, default=repo_root() / "solutions")
     parser.add_argument("--lessons", type=Path, default=repo_root() / "lessons")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     mode = args.words.pop(0) if args.words and args.words[0] in ("clean", "lessons") else "lessons"
     args.names = args.words
     if mode == "clean":
