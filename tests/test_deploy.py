@@ -254,8 +254,9 @@ def test_gguf_round_trip_real_smollm2(smollm2, tmp_path):
     decoder, _ = smollm2
     tokenizer = load_tokenizer()
     path = export_gguf(decoder, tokenizer, tmp_path / "smollm2-f16.gguf", dtype="f16")
-    result = check_gguf_roundtrip(decoder, tokenizer, path, "f16")
-    assert result.weights_equal and result.tokenizer_equal
+    # same tokenizer as the tiny tests, where its round trip is checked; here the weights and logits
+    result = check_gguf_roundtrip(decoder, tokenizer, path, "f16", check_tokenizer=False)
+    assert result.weights_equal
     assert result.max_abs_logits < 1e-3  # 30 layers of the same f16-rounded weights, fp32 maths
     assert result.max_abs_vs_fp32 < 0.05 * result.logits_scale
 
@@ -391,6 +392,7 @@ def test_benchmark_py_reports_speed_and_memory(bundle):
     report = json.loads(result.stdout)
     assert report["new_tokens"] == 5 and report["decode_tokens_per_s"] > 0
     assert 20 < report["peak_rss_mb"] < 4000
+    assert report["roofline_tokens_per_s"] > 0 and report["bandwidth_gb_s"] > 0.1
 
 
 def _run(bundle_dir, image):

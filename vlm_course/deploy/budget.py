@@ -316,6 +316,32 @@ def decode_roofline(config: VLMConfig | DecoderConfig, bandwidth: DevicePreset |
     return Roofline(weight_bytes, kv, bandwidth, batch)
 
 
+def deployment_table(config: VLMConfig, variants: dict[str, tuple], context_length: int = 1024, batch: int = 1,
+                     devices=(ORIN_NANO_8GB, ORIN_NANO_SUPER), margin: float = 0.1) -> str:
+    """A plain-text table for a README: memory and decode roofline of each way of running the model.
+
+    variants: name -> (weight formats, KV-cache format), e.g. {"run.py fp32": ("fp32", "fp32")}; the
+    weight formats may be one name or a per-component dict. Fits and headroom are for the first device.
+    """
+    first = devices[0]
+    header = (f"{'variant':38s} {'weights':>8s} {'KV':>7s} {'activ.':>7s} {'runtime':>8s} {'total':>8s}  "
+              f"{'fits ' + first.name:>30s}  " + "  ".join(f"{d.bandwidth_bytes_per_s / GB:.0f} GB/s" for d in devices))
+    lines = [header, "-" * len(header)]
+    for name, (weights, kv_bits) in variants.items():
+        budget = estimate_memory(config, weights, kv_bits, context_length, batch, device=first)
+        fit = budget.fits(first, margin)
+        decoder_format = weights if not isinstance(weights, dict) else weights.get("decoder", "fp32")
+        speeds = [decode_roofline(config, d, decoder_format, kv_bits, context_length, batch).tokens_per_s
+                  for d in devices]
+        verdict = f"{'yes' if fit.fits else 'NO'}, headroom {fit.headroom_bytes / GB:+.2f} GB"
+        lines.append(f"{name:38s} {budget.weight_bytes / MB:7.0f}M {budget.kv_cache / MB:6.0f}M "
+                     f"{budget.activations / MB:6.0f}M {budget.runtime_overhead / MB:7.0f}M {budget.total / MB:7.0f}M  "
+                     f"{verdict:>30s}  " + "  ".join(f"{v:5.0f} tok/s" for v in speeds))
+    lines.append(f"(M = MiB; context {context_length} tokens, batch {batch}; fits = total x {1 + margin:.1f} <= "
+                 f"{first.usable_bytes / GB:.1f} GB usable; tok/s = decode roofline, an upper bound)")
+    return "\n".join(lines)
+
+
 def device_report(config: VLMConfig, device: DevicePreset | str, weights="fp16", kv_bits="fp16",
                   context_length: int = 1024, batch: int = 1, margin: float = 0.1) -> str:
     """A few lines for a README: memory table, fit verdict and decode roofline on one device."""

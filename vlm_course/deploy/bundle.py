@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from ..config import VLMConfig
-from .budget import device_report
+from .budget import decode_roofline, deployment_table, kv_bytes_per_token
 from .gguf_export import export_gguf
 from .merge import merge_lora_adapters
 from .onnx_export import DECODER_FILE, EMBEDDINGS_FILE, IMAGE_ENCODER_FILE, check_onnx_parity, export_onnx
@@ -149,6 +149,9 @@ def _runtime_config(model, processor, files: dict, parity) -> dict:
         "num_kv_heads": c.decoder.num_kv_heads, "head_dim": c.decoder.head_dim,
         "max_position_embeddings": c.decoder.max_position_embeddings,
         "parity_max_abs": parity,
+        # for benchmark.py's roofline: bytes one decode step reads (weights; KV cache per token of context)
+        "decode_weight_bytes": {fmt: decode_roofline(c, 1.0, fmt, "fp32", 0).weight_bytes for fmt in ("fp32", "int8")},
+        "kv_bytes_per_token": kv_bytes_per_token(c.decoder, 32),
     }
 
 
@@ -167,8 +170,18 @@ def _readme(model, files: dict, parity: dict, gguf_file: str | None, name: str) 
              "| `run.py`, `benchmark.py` | standalone runner and benchmark |",
              "| `manifest.json` | size and sha256 of every file |"]
     context = min(1024, c.decoder.max_position_embeddings)
-    budget = "\n\n".join(device_report(c, preset, weights="fp16", kv_bits="fp16", context_length=context)
-                         for preset in ("orin-nano", "orin-nano-super"))
+    # What this bundle actually runs: ONNX graphs in fp32 (KV cache fp32 in run.py), their int8 copies, and
+    # llama.cpp on the GGUF decoder (f16 KV cache by default), as written or after llama-quantize to Q4_0.
+    variants = {"run.py (ONNX fp32)": ("fp32", "fp32")}
+    if "decoder_int8" in files:
+        variants["run.py --int8 (ONNX int8 weights)"] = ("int8", "fp32")
+    if gguf_file:
+        fmt = gguf_file.split("-")[-1].removesuffix(".gguf")
+        variants[f"llama.cpp {fmt} decoder + ONNX vision"] = (
+            {"vision": "fp32", "projector": "fp32", "decoder": fmt.replace("f", "fp")}, "fp16")
+        variants["llama.cpp Q4_0 decoder + ONNX vision"] = ({"vision": "fp32", "projector": "fp32",
+                                                            "decoder": "q4_0"}, "fp16")
+    budget = deployment_table(c, variants, context_length=context)
     if gguf_file:
         gguf = (f"`{gguf_file}` is the language decoder alone, written with the `gguf` package in llama.cpp's "
                 "`llama` layout (tokenizer and chat template included; checked by reading it back with "

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import PROVIDERS, BundleError, VLMRunner  # noqa: E402 (run.py sits next to this file)
 
@@ -37,6 +39,18 @@ def peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def measure_bandwidth(size_mb: int = 256, repeats: int = 3) -> float:
+    """CPU memory bandwidth in bytes/s: a numpy copy of 256 MB, counted as read + write (best of 3)."""
+    src = np.ones(size_mb * 2**20 // 8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
 
 
 def synthetic_image(size: int):
@@ -58,6 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS))
     parser.add_argument("--int8", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None,
+                        help="memory bandwidth for the roofline (default: measured with a numpy copy; on a Jetson "
+                             "the GPU sees up to 68 GB/s, 102 in Super mode)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     args = parser.parse_args(argv)
 
@@ -86,6 +103,13 @@ def main(argv=None) -> int:
         "total_ms": 1e3 * (median["image_encode"] + median["prefill"] + median["decode"]),
         "peak_rss_mb": peak_rss_mb(),
     }
+    # Roofline: a decode step reads every decoder weight once plus the KV cache so far (README.md).
+    c = runner.config
+    bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else measure_bandwidth()
+    context = median["prompt_tokens"] + median["new_tokens"] / 2  # average cache length while decoding
+    step_bytes = c["decode_weight_bytes"]["int8" if args.int8 else "fp32"] + c["kv_bytes_per_token"] * context
+    result.update(bandwidth_gb_s=bandwidth / 1e9, roofline_tokens_per_s=bandwidth / step_bytes)
+    result["measured_over_roofline"] = result["decode_tokens_per_s"] / result["roofline_tokens_per_s"]
     if args.json:
         print(json.dumps(result))
         return 0
@@ -97,6 +121,8 @@ def main(argv=None) -> int:
     print(f"  decode            {result['decode_tokens_per_s']:8.1f} tokens/s  ({result['new_tokens']} new tokens)")
     print(f"  total latency     {result['total_ms']:8.1f} ms")
     print(f"  peak memory (RSS) {result['peak_rss_mb']:8.1f} MB")
+    print(f"  decode roofline   {result['roofline_tokens_per_s']:8.1f} tokens/s at {result['bandwidth_gb_s']:.1f} GB/s "
+          f"({step_bytes / 2**20:.0f} MB per token): measured is {result['measured_over_roofline']:.0%} of it")
     return 0
 
 
