@@ -316,3 +316,106 @@ def plot_tokens_vs_resolution(token_fn: Callable[[int, int, int], int], patch_si
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _finish(fig, show)
+
+
+# ==============================================================================================
+# Lesson 06: evaluation
+
+
+def plot_vqa_credit(vqa_fn: Callable, num_answers: int = 10, show: bool = True):
+    """VQA accuracy against how many of `num_answers` humans gave the model's answer.
+
+    `vqa_fn(prediction, answers)` is the learner's `vqa_accuracy`; the dashed line is min(#agree / 3, 1)
+    over all answers at once, which the leave-one-out average smooths (1 -> 0.3, 3 -> 0.9, 4 -> 1.0).
+    """
+    agree = np.arange(num_answers + 1)
+    scores = [vqa_fn("yes", ["yes"] * n + ["no"] * (num_answers - n)) for n in agree]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.plot(agree, np.minimum(agree / 3, 1), "--", color="grey", label="min(#agree / 3, 1), all answers at once")
+    ax.plot(agree, scores, "o-", color="tab:blue", label="VQA accuracy (leave-one-out average)")
+    for n, s in zip(agree[:5], scores[:5]):
+        ax.annotate(f"{s:.2f}", (n, s), textcoords="offset points", xytext=(6, -12), fontsize=8)
+    ax.set_xlabel(f"humans (of {num_answers}) who gave the model's answer")
+    ax.set_ylabel("score")
+    ax.set_xticks(agree)
+    ax.set_ylim(-0.05, 1.1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("partial credit: one agreeing human is worth 0.3, three or more make the answer right")
+    return _finish(fig, show)
+
+
+def plot_anls_curve(anls_fn: Callable, answer: str = "invoice 2024", threshold: float = 0.5, show: bool = True):
+    """ANLS of predictions with 0, 1, 2, ... wrong characters in `answer` (substituted from the end).
+
+    `anls_fn(prediction, answers, threshold)` is the learner's `anls`. The score falls by 1/len per wrong
+    character, then drops to 0 once the similarity is below the threshold.
+    """
+    wrong = np.arange(len(answer) + 1)
+    predictions = [answer[:len(answer) - k] + "#" * k for k in wrong]
+    scores = [anls_fn(p, [answer], threshold) for p in predictions]
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    ax.plot(wrong, 1 - wrong / len(answer), "--", color="grey", label="1 - normalised edit distance")
+    ax.plot(wrong, scores, "o-", color="tab:purple", label=f"ANLS (threshold {threshold:g})")
+    ax.axhline(threshold, color="tab:red", lw=0.8, ls=":")
+    ax.set_xlabel(f"wrong characters in the {len(answer)}-character answer {answer!r}")
+    ax.set_ylabel("score")
+    ax.set_ylim(-0.05, 1.1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("near misses keep most of the credit; more than half wrong scores 0")
+    return _finish(fig, show)
+
+
+# ==============================================================================================
+# Lesson 07: Jetson deployment
+
+
+def plot_memory_budget(budgets: dict[str, dict[str, float]], usable_bytes: float, device: str = "",
+                       show: bool = True):
+    """Stacked bars of inference memory, one bar per configuration, against a device's usable memory.
+
+    `budgets`: {"bar label": {"weights": bytes, "KV cache": bytes, ...}}; parts are stacked in the order of
+    the first bar. The red line is `usable_bytes` (e.g. ~5.2 GB on an 8 GB Jetson Orin Nano).
+    """
+    labels = list(budgets)
+    parts = list(next(iter(budgets.values())))
+    colours = plt.cm.Set2(np.linspace(0, 1, max(len(parts), 3)))
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(labels) + 1.8))
+    left = np.zeros(len(labels))
+    for part, colour in zip(parts, colours):
+        values = np.array([budgets[label].get(part, 0.0) for label in labels]) / 1e9
+        ax.barh(labels, values, left=left, color=colour, label=part)
+        left += values
+    for y, total in enumerate(left):
+        ax.text(total, y, f" {total:.2f} GB", va="center", fontsize=8)
+    ax.axvline(usable_bytes / 1e9, color="tab:red", ls="--", label=f"usable on {device or 'the device'}")
+    ax.invert_yaxis()
+    ax.set_xlabel("GB (10^9 bytes)")
+    ax.set_xlim(0, max(left.max(), usable_bytes / 1e9) * 1.18)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("inference memory: weights + KV cache + activations + runtime")
+    return _finish(fig, show)
+
+
+def plot_decode_roofline(lines: dict[str, Callable[[int], float]], contexts: Iterable[int],
+                         measured: dict[str, tuple[int, float]] | None = None, show: bool = True):
+    """Decode speed limit against context length, one line per setting (log-log).
+
+    `lines`: {"label": f(context) -> tokens/s}, e.g. the learner's `decode_tokens_per_second` with a device's
+    bandwidth and a weight format fixed. `measured`: {"label": (context, tokens/s)} drawn as stars.
+    """
+    contexts = list(contexts)
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for label, fn in lines.items():
+        ax.plot(contexts, [fn(c) for c in contexts], marker=".", label=label)
+    for label, (context, speed) in (measured or {}).items():
+        ax.plot([context], [speed], "*", markersize=12, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens in the KV cache (context)")
+    ax.set_ylabel("tokens / s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("decode is memory-bound: tokens/s ~ bandwidth / bytes read per token")
+    return _finish(fig, show)
