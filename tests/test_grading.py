@@ -248,6 +248,8 @@ def test_grading_a_tiny_custom_exercise():
     assert grade(exercise, lambda x: x + x).passed
     report = grade(exercise, lambda x: x**2)
     assert report.line() == "❌ double: you squared instead of doubling  [check: a vector]"
+    exercise.uses = ("add",)  # an unexplained failure points at the earlier exercise the code builds on
+    assert grade(exercise, lambda x: x + 1).message.endswith("if your code calls your add, make sure that passes its check first")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +294,7 @@ def test_notebooks_define_every_registered_exercise(lesson):
     solutions = sorted((REPO / "solutions").glob(f"{lesson}_*.ipynb"))
     assert len(solutions) == 1, f"exercises are registered for lesson {lesson} but solutions/ has {solutions}"
     student = REPO / "lessons" / solutions[0].name
+    assert student.exists(), f"no {student.name} in lessons/: run python -m vlm_course.grading.sync"
     solved, stubbed = extract_definitions(solutions[0]), extract_definitions(student)
     for exercise in all_exercises(lesson):
         assert exercise.name in solved, f"{solutions[0].name} defines no {exercise.name}"

@@ -64,6 +64,7 @@ class Exercise:
     atol: float = 1e-5
     rtol: float = 1e-5
     description: str = ""  # one line for listings
+    uses: tuple[str, ...] = ()  # earlier exercises the learner's code calls: named when no mutant explains a failure
 
 
 @dataclass
@@ -222,7 +223,10 @@ def grade_case(exercise: Exercise, impl, case: Case) -> tuple[str, str] | None:
     problem = compare(expected.value, actual.value, atol, rtol)
     if problem is None:
         return None
-    return "failed", diagnose(exercise, case, actual, atol, rtol) or problem
+    hint = diagnose(exercise, case, actual, atol, rtol)
+    if hint is None and exercise.uses:
+        problem += f" - if your code calls your {' / '.join(exercise.uses)}, make sure that passes its check first"
+    return "failed", hint or problem
 
 
 def diagnose(exercise: Exercise, case: Case, actual: Outcome, atol: float, rtol: float) -> str | None:

@@ -235,7 +235,7 @@ def _attention_case(hidden, heads, batch, tokens, seed, dtype=torch.float32):
 
 register(Exercise(
     name="multi_head_attention", lesson=LESSON, reference=multi_head_attention,
-    description="split into heads, attend, merge, project",
+    description="split into heads, attend, merge, project", uses=("scaled_dot_product_attention",),
     cases=[
         Case("batch 2, 7 tokens, width 48, 3 heads", _attention_case(48, 3, 2, 7, 31)),
         Case("batch 3, 4 tokens, width 40, 5 heads", _attention_case(40, 5, 3, 4, 32)),
@@ -305,7 +305,7 @@ def run_block(cls, cfg, state, x):
 
 register(Exercise(
     name="ViTBlock", lesson=LESSON, reference=VisionBlock, call=run_block,
-    description="pre-LN transformer block: x + attn(LN1(x)), then x + MLP(LN2(x))",
+    description="pre-LN transformer block: x + attn(LN1(x)), then x + MLP(LN2(x))", uses=("multi_head_attention",),
     cases=[
         Case("batch 2, 5 tokens, width 48, 3 heads, MLP 96", _block_case(48, 3, 96, 2, 5, 41)),
         Case("batch 1, 9 tokens, width 40, 5 heads, MLP 64", _block_case(40, 5, 64, 1, 9, 42)),

@@ -171,7 +171,7 @@ def run_projector(cls, cfg, vision_hidden_size, decoder_hidden_size, state, patc
 
 register(Exercise(
     name="Projector", lesson=LESSON, reference=ModalityProjector, call=run_projector,
-    description="pixel shuffle, then one bias-free linear layer to the decoder width",
+    description="pixel shuffle, then one bias-free linear layer to the decoder width", uses=("pixel_shuffle",),
     cases=[
         Case("r=2, batch 2, 4x4 grid of width 6 -> decoder width 10", _projector_case(2, 6, 10, 2, 4, 61)),
         Case("r=3, batch 1, 6x6 grid of width 5 -> decoder width 7", _projector_case(3, 5, 7, 1, 6, 62)),
