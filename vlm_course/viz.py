@@ -375,11 +375,11 @@ def plot_memory_budget(budgets: dict[str, dict[str, float]], usable_bytes: float
                        show: bool = True):
     """Stacked bars of inference memory, one bar per configuration, against a device's usable memory.
 
-    `budgets`: {"bar label": {"weights": bytes, "KV cache": bytes, ...}}; parts are stacked in the order of
-    the first bar. The red line is `usable_bytes` (e.g. ~5.2 GB on an 8 GB Jetson Orin Nano).
+    `budgets`: {"bar label": {"weights": bytes, "KV cache": bytes, ...}}; parts are stacked in the order they
+    first appear. The red line is `usable_bytes` (e.g. ~5.2 GB on an 8 GB Jetson Orin Nano).
     """
     labels = list(budgets)
-    parts = list(next(iter(budgets.values())))
+    parts = list(dict.fromkeys(part for budget in budgets.values() for part in budget))
     colours = plt.cm.Set2(np.linspace(0, 1, max(len(parts), 3)))
     fig, ax = plt.subplots(figsize=(8, 0.55 * len(labels) + 1.8))
     left = np.zeros(len(labels))
