@@ -319,6 +319,202 @@ def plot_tokens_vs_resolution(token_fn: Callable[[int, int, int], int], patch_si
 
 
 # ==============================================================================================
+# Lesson 03: the decoder
+
+
+def plot_rope_tables(cos: torch.Tensor, theta: float | None = None, show: bool = True):
+    """RoPE's cos table (T, head_dim) as an image: one row per position, one column per dimension.
+
+    The left columns turn fast (stripes), the right ones slowly (almost flat), and the two halves are equal:
+    dimension i and i + d/2 share an angle, because they are the two coordinates of one rotated pair.
+    """
+    table = cos.detach().float().cpu()
+    table = table[0] if table.dim() == 3 else table
+    t, d = table.shape
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    image = ax.imshow(table.numpy(), aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
+    ax.axvline(d / 2 - 0.5, color="black", lw=1.5, ls="--")
+    ax.set_xlabel(f"dimension (0..{d - 1}); dashed line: start of the second half, paired with the first")
+    ax.set_ylabel("position")
+    ax.set_title(f"cos(position x frequency), head_dim {d}" + (f", theta {theta:g}" if theta else "") +
+                 ": fast pairs on the left, slow on the right")
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    return _finish(fig, show)
+
+
+def plot_rope_scores(scores: torch.Tensor, title: str | None = None, show: bool = True):
+    """q.k scores (T, T) of one query vector placed at every position m and one key vector at every position n.
+
+    With RoPE the picture is constant along each diagonal: the score depends only on m - n.
+    """
+    array = scores.detach().float().cpu().numpy()
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    image = ax.imshow(array, cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("key position n")
+    ax.set_ylabel("query position m")
+    ax.set_title(title or "rotated q . rotated k: constant along diagonals (depends on m - n)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _finish(fig, show)
+
+
+def plot_causal_gqa(num_heads: int, num_kv_heads: int, q_len: int, kv_len: int | None = None, show: bool = True):
+    """Left: which keys each query may see (causal, with `kv_len - q_len` cached positions before the queries).
+    Right: which KV head each query head reads in grouped-query attention (repeat_interleave grouping)."""
+    kv_len = q_len if kv_len is None else kv_len
+    past = kv_len - q_len
+    allowed = torch.arange(kv_len)[None, :] <= torch.arange(past, kv_len)[:, None]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [max(kv_len, 4), 6]})
+    left.imshow(allowed.numpy(), cmap="Greens", vmin=0, vmax=1.4, interpolation="nearest")
+    for i in range(q_len):
+        for j in range(kv_len):
+            left.text(j, i, "✓" if allowed[i, j] else "", ha="center", va="center", fontsize=8)
+    left.set_xticks(range(kv_len))
+    left.set_yticks(range(q_len), [str(past + i) for i in range(q_len)])
+    left.set_xlabel("key position" + (f" (0..{past - 1} come from the cache)" if past else ""))
+    left.set_ylabel("query position")
+    left.set_title("causal mask: a query sees keys at positions <= its own")
+    group = num_heads // num_kv_heads
+    colours = plt.get_cmap("tab10")(np.arange(num_kv_heads) % 10)
+    for h in range(num_heads):
+        right.add_patch(plt.Rectangle((h, 1), 0.9, 0.8, color=colours[h // group]))
+        right.text(h + 0.45, 1.4, f"q{h}", ha="center", va="center", fontsize=8)
+        right.annotate("", xy=(h // group * group + (group - 0.1) / 2, 0.45), xytext=(h + 0.45, 1.0),
+                       arrowprops=dict(arrowstyle="-", color="grey", lw=0.8))
+    for g in range(num_kv_heads):
+        right.add_patch(plt.Rectangle((g * group, 0), group - 0.1, 0.45, color=colours[g], alpha=0.7))
+        right.text(g * group + (group - 0.1) / 2, 0.22, f"kv{g}", ha="center", va="center", fontsize=9)
+    right.set_xlim(-0.2, num_heads + 0.1)
+    right.set_ylim(-0.1, 1.9)
+    right.axis("off")
+    right.set_title(f"{num_heads} query heads share {num_kv_heads} KV heads: groups of {group} (repeat_interleave)")
+    return _finish(fig, show)
+
+
+def plot_kv_cache_memory(configs: dict, max_tokens: int = 8192, bytes_per_value: int = 2, show: bool = True):
+    """KV-cache size against the number of cached tokens, one line per {label: DecoderConfig}.
+
+    Size = 2 (keys and values) x layers x kv_heads x head_dim x tokens x bytes per value (2 for bf16/fp16).
+    """
+    tokens = np.linspace(0, max_tokens, 64)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for label, cfg in configs.items():
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * bytes_per_value
+        ax.plot(tokens, tokens * per_token / 2**20, label=f"{label}: {per_token / 1024:.1f} KiB per token")
+    ax.set_xlabel("tokens in the cache (prompt + generated, one sequence)")
+    ax.set_ylabel("MiB")
+    ax.set_title(f"KV-cache memory ({8 * bytes_per_value}-bit values)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, show)
+
+
+def plot_activations(show: bool = True):
+    """SiLU (SwiGLU's gate), GELU and ReLU side by side."""
+    x = torch.linspace(-5, 5, 201)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, fn in (("ReLU", torch.relu), ("GELU", torch.nn.functional.gelu), ("SiLU = x * sigmoid(x)",
+                                                                           torch.nn.functional.silu)):
+        ax.plot(x.numpy(), fn(x).numpy(), label=name)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.axvline(0, color="black", lw=0.5)
+    ax.set_title("gate activations: SiLU is smooth and lets a little negative signal through")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    return _finish(fig, show)
+
+
+def plot_sampling(distributions: dict, token_name: Callable[[int], str] | None = None, top: int = 12,
+                  show: bool = True):
+    """One bar chart per setting {label: probabilities (V,)}, over the `top` tokens of the first setting.
+
+    `token_name(id)` labels the bars (e.g. lambda i: tokenizer.decode([i])); token ids otherwise.
+    """
+    items = [(label, p.detach().float().cpu()) for label, p in distributions.items()]
+    order = torch.argsort(items[0][1], descending=True)[:top]
+    names = [repr(token_name(i))[1:-1] if token_name else str(i) for i in order.tolist()]
+    fig, axes = plt.subplots(1, len(items), figsize=(3.2 * len(items), 3.4), sharey=True, squeeze=False)
+    for ax, (label, probs) in zip(axes[0], items):
+        values = probs[order].numpy()
+        ax.bar(range(len(order)), values, color=["tab:blue" if v > 0 else "lightgrey" for v in values])
+        ax.set_xticks(range(len(order)), names, rotation=70, fontsize=8)
+        kept = int((probs > 0).sum())
+        ax.set_title(f"{label}\n({kept} token{'s' if kept != 1 else ''} can be drawn)", fontsize=9)
+    axes[0][0].set_ylabel("probability")
+    return _finish(fig, show)
+
+
+# ==============================================================================================
+# Lesson 04: assembling the VLM
+
+
+def plot_token_sequence(tokens: list[str], input_ids, labels=None, image_token_id: int | None = None,
+                        per_row: int = 14, collapse_images: bool = True, title: str | None = None, show: bool = True):
+    """A conversation's tokens as coloured boxes, in reading order: image tokens, trained (labelled) answer
+    tokens, and the rest (prompt, template, padding). A run of image tokens is drawn as one wide box with its
+    count when `collapse_images`."""
+    ids = [int(i) for i in (input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids)]
+    trained = [False] * len(ids) if labels is None else [int(x) != -100 for x in
+                                                         (labels.tolist() if hasattr(labels, "tolist") else labels)]
+    boxes = []  # (text, kind, width)
+    i = 0
+    while i < len(ids):
+        if image_token_id is not None and ids[i] == image_token_id:
+            j = i
+            while j < len(ids) and ids[j] == image_token_id:
+                j += 1
+            if collapse_images:
+                boxes.append((f"<image> x {j - i}", "image", 3))
+            else:
+                boxes.extend(("<image>", "image", 1) for _ in range(i, j))
+            i = j
+            continue
+        text = tokens[i].replace("\n", "\\n").replace("Ġ", "␣").replace("Ċ", "\\n")
+        boxes.append((text if len(text) <= 12 else text[:11] + "…", "answer" if trained[i] else "text", 1))
+        i += 1
+    colours = {"image": "#f4a261", "answer": "#8ecae6", "text": "#e9ecef"}
+    rows, x, placed = 0, 0, []
+    for text, kind, width in boxes:
+        if x + width > per_row:
+            rows, x = rows + 1, 0
+        placed.append((x, rows, text, kind, width))
+        x += width
+    fig, ax = plt.subplots(figsize=(per_row * 0.85, 0.55 * (rows + 1) + 0.8))
+    for x, row, text, kind, width in placed:
+        ax.add_patch(plt.Rectangle((x + 0.04, -row - 0.9), width - 0.08, 0.8, color=colours[kind], ec="grey", lw=0.5))
+        ax.text(x + width / 2, -row - 0.5, text, ha="center", va="center", fontsize=7, family="monospace")
+    ax.set_xlim(0, per_row)
+    ax.set_ylim(-rows - 1.05, 0.05)
+    ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    ax.legend(handles, ["image tokens", "trained (label = token)", "not trained (label -100)"], ncol=3, fontsize=8,
+              loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _finish(fig, show)
+
+
+def plot_embedding_rms(embeds: torch.Tensor, input_ids, image_token_id: int, title: str | None = None,
+                       show: bool = True):
+    """Root-mean-square size of each position's input vector to the decoder (one sample), image positions
+    highlighted: an untrained projector writes vectors of a very different size from the word embeddings."""
+    rms = embeds.detach().float().pow(2).mean(-1).sqrt().cpu()
+    rms = rms[0] if rms.dim() == 2 else rms
+    ids = torch.as_tensor(input_ids)
+    ids = ids[0] if ids.dim() == 2 else ids
+    is_image = (ids == image_token_id).cpu().numpy()
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    positions = np.arange(len(rms))
+    ax.bar(positions[~is_image], rms.numpy()[~is_image], color="#adb5bd", label="text token embeddings")
+    ax.bar(positions[is_image], rms.numpy()[is_image], color="#f4a261", label="projected image features")
+    ax.set_yscale("log")
+    ax.set_xlabel("position in the sequence")
+    ax.set_ylabel("RMS of the input vector")
+    ax.set_title(title or "what the decoder receives, position by position")
+    ax.legend(fontsize=8)
+    return _finish(fig, show)
+
+
+# ==============================================================================================
 # Lesson 06: evaluation
 
 
@@ -418,4 +614,92 @@ def plot_decode_roofline(lines: dict[str, Callable[[int], float]], contexts: Ite
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("decode is memory-bound: tokens/s ~ bandwidth / bytes read per token")
+    return _finish(fig, show)
+
+
+# ==============================================================================================
+# Lesson 05: training with QLoRA
+
+
+def plot_token_labels(tokens: list[str], labels, attention_mask=None, per_row: int = 12, title: str | None = None,
+                      show: bool = True):
+    """One training sequence as a strip of token boxes: green = trained (its label is kept), grey = prompt
+    (label -100), white = padding (attention_mask 0). Runs of <image> tokens are drawn as one box "<image> xN".
+
+    `tokens`: the decoded tokens (one string each); `labels`: the same length, -100 where not trained.
+    """
+    labels = [int(x) for x in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
+    mask = [1] * len(tokens) if attention_mask is None else [int(x) for x in (
+        attention_mask.tolist() if isinstance(attention_mask, torch.Tensor) else attention_mask)]
+    boxes = []  # (text, kind)
+    for token, label, real in zip(tokens, labels, mask):
+        kind = "pad" if not real else ("trained" if label != -100 else "prompt")
+        if boxes and token == "<image>" and boxes[-1][0].startswith("<image>") and boxes[-1][1] == kind:
+            count = int(boxes[-1][0].split("x")[-1]) + 1 if " x" in boxes[-1][0] else 2
+            boxes[-1] = (f"<image> x{count}", kind)
+            continue
+        boxes.append((token, kind))
+    colours = {"trained": "#8fd18f", "prompt": "#d9d9d9", "pad": "#ffffff"}
+    rows = (len(boxes) + per_row - 1) // per_row
+    fig, ax = plt.subplots(figsize=(per_row * 0.95, rows * 0.42 + 0.6))
+    for i, (text, kind) in enumerate(boxes):
+        r, c = divmod(i, per_row)
+        ax.add_patch(plt.Rectangle((c, -r), 0.96, 0.85, facecolor=colours[kind], edgecolor="#888888", lw=0.6))
+        shown = text.replace("\n", "\\n").replace(" ", "·")
+        shown = shown if len(shown) <= 11 else shown[:10] + "…"
+        ax.text(c + 0.48, -r + 0.42, shown, ha="center", va="center", fontsize=7, family="DejaVu Sans Mono")
+    ax.set_xlim(-0.1, per_row)
+    ax.set_ylim(-rows + 0.8, 1.0)
+    ax.set_axis_off()
+    handles = [plt.Rectangle((0, 0), 1, 1, facecolor=colours[k], edgecolor="#888888") for k in colours]
+    ax.legend(handles, ["trained (label = token)", "prompt (label -100)", "padding (label -100, mask 0)"],
+              loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9, pad=22)
+    return _finish(fig, show)
+
+
+def plot_nf4_levels(levels, weights: torch.Tensor | None = None, block_size: int = 64, show: bool = True):
+    """The 16 NF4 levels against 16 evenly spaced (int4) levels, over the histogram of a weight's values
+    divided by their block's absmax (what the levels have to cover)."""
+    levels = torch.as_tensor(levels, dtype=torch.float32)
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    if weights is not None:
+        blocks = weights.detach().float().reshape(-1, block_size)
+        scaled = (blocks / blocks.abs().amax(dim=1, keepdim=True).clamp_min(1e-12)).flatten()
+        ax.hist(scaled.numpy(), bins=120, range=(-1, 1), color="#c6dbef", density=True,
+                label=f"weights / block absmax (blocks of {block_size})")
+    top = ax.get_ylim()[1] if weights is not None else 1.0
+    for i, level in enumerate(levels.tolist()):
+        ax.axvline(level, ymin=0.5, ymax=1.0, color="tab:blue", lw=1.4, label="NF4 levels" if i == 0 else None)
+    for i, level in enumerate(torch.linspace(-1, 1, len(levels)).tolist()):
+        ax.axvline(level, ymin=0.0, ymax=0.45, color="tab:orange", lw=1.4, ls="--",
+                   label="evenly spaced (int4)" if i == 0 else None)
+    ax.set_ylim(0, top)
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_xlabel("value / block absmax")
+    ax.set_yticks([])
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("NF4 puts its 16 levels where normal weights are dense; int4 spaces them evenly")
+    return _finish(fig, show)
+
+
+def plot_loss_curves(curves: dict[str, list[float]], title: str = "training loss (answer tokens)",
+                     ylabel: str = "cross-entropy", show: bool = True):
+    """Several runs' per-step losses on one plot: {"label": [loss at step 1, 2, ...]}. A list of
+    (step, loss) pairs is accepted too, for a run that starts later (a resumed one)."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    styles = [dict(lw=2.2, alpha=0.8), dict(lw=1.2, ls="--", marker="."), dict(lw=1.2, ls=":", marker="x")]
+    for i, (label, values) in enumerate(curves.items()):
+        values = list(values)
+        if values and isinstance(values[0], (tuple, list)):
+            steps, losses = zip(*values)
+        else:
+            steps, losses = range(1, len(values) + 1), values
+        ax.plot(list(steps), list(losses), label=label, **styles[i % len(styles)])
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     return _finish(fig, show)
