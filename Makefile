@@ -50,7 +50,7 @@ test-exercises: setup
 
 # The stubs in lessons/ must fail every graded test (a test that passes a stub proves nothing).
 test-lessons-fail: setup
-	@if ls lessons/*.ipynb >/dev/null 2>&1; then $(BIN)/python -m vlm_course.grading.expect_fail lessons; \
+	@if ls lessons/*.ipynb >/dev/null 2>&1; then $(BIN)/pytest exercises_tests --notebooks lessons --expect-fail; \
 	else echo "no lesson notebooks yet"; fi
 
 test-notebooks: setup
@@ -62,7 +62,8 @@ lessons: setup
 	$(BIN)/python -m vlm_course.grading.sync
 
 lessons-check: setup
-	@if ls solutions/*.ipynb >/dev/null 2>&1; then $(BIN)/python -m vlm_course.grading.sync --check; \
+	@if ls solutions/*.ipynb >/dev/null 2>&1; then $(BIN)/python -m vlm_course.grading.sync --check && \
+	  $(BIN)/python -m vlm_course.grading.sync clean --check; \
 	else echo "no solution notebooks yet"; fi
 
 clean:

@@ -21,8 +21,8 @@ def pixel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
     """Fold each r x r block of a square patch grid into one token: (B, N, D) -> (B, N / r^2, D * r^2).
 
     The layout is exactly Idefics3's (`Idefics3Connector.pixel_shuffle`), so SmolVLM checkpoints load into
-    our projector: within a block, the r*r patch vectors are concatenated column-major (all rows of the
-    block's first column, then of the second column, ...), and the blocks come out row-major.
+    our projector: within a block the r*r patch vectors are concatenated row by row (a 4x4 grid with r=2 gives
+    token 0 = patches [0, 1, 4, 5]), and the blocks themselves come out row-major.
     """
     if x.dim() != 3:
         raise ValueError(f"pixel_shuffle expects (batch, tokens, dim), got shape {tuple(x.shape)}")
