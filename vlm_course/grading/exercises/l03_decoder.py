@@ -3,7 +3,8 @@ sampling_probs.
 
 References are built on vlm_course.decoder (RMSNorm's maths, RotaryEmbedding, apply_rope, repeat_kv and
 build_attention_mask, SwiGLU, KVCache, sample_next_token's filtering). Mutants are the mistakes learners
-actually make; tests/test_grading.py proves each one fails these checks.
+actually make; tests/test_grading.py proves each one fails these checks, and tests/test_grading_l03_l04.py
+that the references agree with the library.
 """
 
 from __future__ import annotations
@@ -488,8 +489,8 @@ def sampling_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | 
                    top_p: float | None = None) -> torch.Tensor:
     """Reference: the filtering of vlm_course.decoder.sample_next_token, returned as probabilities (B, V).
 
-    temperature 0 is greedy: all the mass on the argmax. tests/test_grading.py checks that sampling from
-    these probabilities is exactly sample_next_token.
+    temperature 0 is greedy: all the mass on the argmax. tests/test_grading_l03_l04.py checks that sampling
+    from these probabilities is exactly sample_next_token.
     """
     if temperature <= 0:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()

@@ -1,8 +1,9 @@
 """Lesson 04, assembling the VLM: splice_image_features, make_labels, answer_loss.
 
 References: vlm_course.vlm.splice_image_features and answer_only_loss; make_labels reproduces the labels of
-vlm_course.processing.VLMProcessor.encode_conversation from the token ids alone (tests/test_grading.py checks
-that they agree). Mutants are the mistakes learners actually make; tests/test_grading.py proves each one fails.
+vlm_course.processing.VLMProcessor.encode_conversation from the token ids alone (tests/test_grading_l03_l04.py
+checks that they agree). Mutants are the mistakes learners actually make; tests/test_grading.py proves each one
+fails.
 """
 
 from __future__ import annotations
