@@ -537,7 +537,7 @@ def plot_vqa_credit(vqa_fn: Callable, num_answers: int = 10, show: bool = True):
     ax.set_ylim(-0.05, 1.1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("partial credit: one agreeing human is worth 0.3, three or more make the answer right")
+    ax.set_title("partial credit: 1 agreeing human -> 0.3, 3 -> 0.9, 4 or more -> 1.0")
     return _finish(fig, show)
 
 
@@ -577,7 +577,7 @@ def plot_memory_budget(budgets: dict[str, dict[str, float]], usable_bytes: float
     labels = list(budgets)
     parts = list(dict.fromkeys(part for budget in budgets.values() for part in budget))
     colours = plt.cm.Set2(np.linspace(0, 1, max(len(parts), 3)))
-    fig, ax = plt.subplots(figsize=(8, 0.55 * len(labels) + 1.8))
+    fig, ax = plt.subplots(figsize=(10, 0.55 * len(labels) + 1.8))
     left = np.zeros(len(labels))
     for part, colour in zip(parts, colours):
         values = np.array([budgets[label].get(part, 0.0) for label in labels]) / 1e9
@@ -589,14 +589,14 @@ def plot_memory_budget(budgets: dict[str, dict[str, float]], usable_bytes: float
     ax.invert_yaxis()
     ax.set_xlabel("GB (10^9 bytes)")
     ax.set_xlim(0, max(left.max(), usable_bytes / 1e9) * 1.18)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("inference memory: weights + KV cache + activations + runtime")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("inference memory against the device's usable memory")
     return _finish(fig, show)
 
 
 def plot_decode_roofline(lines: dict[str, Callable[[int], float]], contexts: Iterable[int],
                          measured: dict[str, tuple[int, float]] | None = None, show: bool = True):
-    """Decode speed limit against context length, one line per setting (log-log).
+    """Decode speed limit against context length (log scale), one line per setting.
 
     `lines`: {"label": f(context) -> tokens/s}, e.g. the learner's `decode_tokens_per_second` with a device's
     bandwidth and a weight format fixed. `measured`: {"label": (context, tokens/s)} drawn as stars.
@@ -608,10 +608,11 @@ def plot_decode_roofline(lines: dict[str, Callable[[int], float]], contexts: Ite
     for label, (context, speed) in (measured or {}).items():
         ax.plot([context], [speed], "*", markersize=12, label=label)
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    ax.set_xticks(contexts, [f"{c:,}" for c in contexts])
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("tokens in the KV cache (context)")
     ax.set_ylabel("tokens / s")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("decode is memory-bound: tokens/s ~ bandwidth / bytes read per token")
     return _finish(fig, show)
