@@ -632,22 +632,22 @@ def plot_token_labels(tokens: list[str], labels, attention_mask=None, per_row: i
     labels = [int(x) for x in (labels.tolist() if isinstance(labels, torch.Tensor) else labels)]
     mask = [1] * len(tokens) if attention_mask is None else [int(x) for x in (
         attention_mask.tolist() if isinstance(attention_mask, torch.Tensor) else attention_mask)]
-    boxes = []  # (text, kind)
+    boxes = []  # [text, kind, count]: a run of <image> tokens is one box
     for token, label, real in zip(tokens, labels, mask):
         kind = "pad" if not real else ("trained" if label != -100 else "prompt")
-        if boxes and token == "<image>" and boxes[-1][0].startswith("<image>") and boxes[-1][1] == kind:
-            count = int(boxes[-1][0].split("x")[-1]) + 1 if " x" in boxes[-1][0] else 2
-            boxes[-1] = (f"<image> x{count}", kind)
+        if boxes and token == "<image>" and boxes[-1][0] == token and boxes[-1][1] == kind:
+            boxes[-1][2] += 1
             continue
-        boxes.append((token, kind))
+        boxes.append([token, kind, 1])
     colours = {"trained": "#8fd18f", "prompt": "#d9d9d9", "pad": "#ffffff"}
     rows = (len(boxes) + per_row - 1) // per_row
     fig, ax = plt.subplots(figsize=(per_row * 0.95, rows * 0.42 + 0.6))
-    for i, (text, kind) in enumerate(boxes):
+    for i, (text, kind, count) in enumerate(boxes):
         r, c = divmod(i, per_row)
         ax.add_patch(plt.Rectangle((c, -r), 0.96, 0.85, facecolor=colours[kind], edgecolor="#888888", lw=0.6))
         shown = text.replace("\n", "\\n").replace(" ", "·")
         shown = shown if len(shown) <= 11 else shown[:10] + "…"
+        shown = f"{shown} x{count}" if count > 1 else shown
         ax.text(c + 0.48, -r + 0.42, shown, ha="center", va="center", fontsize=7, family="DejaVu Sans Mono")
     ax.set_xlim(-0.1, per_row)
     ax.set_ylim(-rows + 0.8, 1.0)
@@ -658,6 +658,23 @@ def plot_token_labels(tokens: list[str], labels, attention_mask=None, per_row: i
     if title:
         ax.set_title(title, fontsize=9, pad=22)
     return _finish(fig, show)
+
+
+def show_rows(rows: list[dict], ncols: int = 6, show: bool = True):
+    """the_cauldron-style rows as a gallery: each row's first image with its questions and answers."""
+    from .data.synthetic import gallery
+
+    fig = gallery(rows, ncols=ncols)  # a pyplot-free Figure: display it as a PNG
+    if not show:
+        return fig
+    import io
+
+    from IPython.display import Image, display
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    display(Image(data=buffer.getvalue()))
+    return None
 
 
 def plot_nf4_levels(levels, weights: torch.Tensor | None = None, block_size: int = 64, show: bool = True):
