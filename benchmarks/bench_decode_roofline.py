@@ -1,6 +1,7 @@
 """Decode roofline vs measured decode speed of SmolLM2-135M on this CPU, in one run.
 
-    python benchmarks/bench_decode_roofline.py [--prompt-tokens 64] [--new-tokens 64] [--repeats 3] [--no-onnx]
+    python benchmarks/bench_decode_roofline.py [--prompt-tokens 64] [--new-tokens 64] [--repeats 3]
+                                               [--no-onnx]
 
 Roofline: tokens/s <= bandwidth / bytes read per token, where bytes = every decoder weight (the tied
 embedding counted once, as the output head) + the KV cache at the average context of the run. The
@@ -61,8 +62,17 @@ def onnx_decode_step_seconds(session, embed: np.ndarray, cfg, prompt_tokens: int
     ids = np.random.default_rng(0).integers(100, 20000, prompt_tokens)
     seen, steps = 0, []
     for i in range(new_tokens + 1):
-        feeds = dict(zip(names, [embed[ids][None], np.ones((1, seen + len(ids)), np.int64),
-                                 np.arange(seen, seen + len(ids))[None], *past]))
+        feeds = dict(
+            zip(
+                names,
+                [
+                    embed[ids][None],
+                    np.ones((1, seen + len(ids)), np.int64),
+                    np.arange(seen, seen + len(ids))[None],
+                    *past,
+                ],
+            )
+        )
         start = time.perf_counter()
         logits, *past = session.run(None, feeds)
         if i > 0:  # step 0 is the prefill
@@ -84,11 +94,17 @@ def main() -> None:
 
     decoder, _ = load_smollm2()
     cfg = decoder.cfg
-    print(f"SmolLM2-135M: {decoder.num_parameters / 1e6:.1f}M parameters, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"SmolLM2-135M: {decoder.num_parameters / 1e6:.1f}M parameters, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
-    contenders = {"torch fp32 (our Decoder + KV cache)": ("fp32", lambda: torch_decode_step_seconds(
-        decoder, args.prompt_tokens, args.new_tokens))}
+    contenders = {
+        "torch fp32 (our Decoder + KV cache)": (
+            "fp32",
+            lambda: torch_decode_step_seconds(decoder, args.prompt_tokens, args.new_tokens),
+        )
+    }
     tmp = tempfile.TemporaryDirectory()
     if not args.no_onnx:
         from vlm_course.deploy.onnx_export import export_decoder, make_session
@@ -100,11 +116,17 @@ def main() -> None:
         quantize_int8(folder / "decoder.onnx", folder / "decoder_int8.onnx")
         print(f"exported + quantised the decoder in {time.perf_counter() - start:.0f} s")
         embed = decoder.embed_tokens.weight.detach().numpy()
-        for name, file, fmt in (("onnxruntime fp32", "decoder.onnx", "fp32"),
-                                ("onnxruntime int8", "decoder_int8.onnx", "int8")):
+        for name, file, fmt in (
+            ("onnxruntime fp32", "decoder.onnx", "fp32"),
+            ("onnxruntime int8", "decoder_int8.onnx", "int8"),
+        ):
             session = make_session(folder / file)
-            contenders[name] = (fmt, lambda s=session: onnx_decode_step_seconds(
-                s, embed, cfg, args.prompt_tokens, args.new_tokens))
+            contenders[name] = (
+                fmt,
+                lambda s=session: onnx_decode_step_seconds(
+                    s, embed, cfg, args.prompt_tokens, args.new_tokens
+                ),
+            )
 
     bandwidth = {"copy": [], "read": []}
     seconds = {name: [] for name in contenders}
@@ -115,23 +137,35 @@ def main() -> None:
             seconds[name].append(run())
     bw = {kind: statistics.median(v) for kind, v in bandwidth.items()}
     context = args.prompt_tokens + args.new_tokens // 2  # average cache length during the decode steps
-    print(f"memory bandwidth (median of {args.repeats}): copy {bw['copy'] / GB:.1f} GB/s, "
-          f"read {bw['read'] / GB:.1f} GB/s; average context {context} tokens\n")
-    print(f"{'contender':38s} {'MB/token':>9s} {'roofline':>9s} {'measured':>9s} {'ratio':>6s} {'(read bw)':>9s}")
+    print(
+        f"memory bandwidth (median of {args.repeats}): copy {bw['copy'] / GB:.1f} GB/s, "
+        f"read {bw['read'] / GB:.1f} GB/s; average context {context} tokens\n"
+    )
+    print(
+        f"{'contender':38s} {'MB/token':>9s} {'roofline':>9s} {'measured':>9s} "
+        f"{'ratio':>6s} {'(read bw)':>9s}"
+    )
     for name, (fmt, _) in contenders.items():
         roof = decode_roofline(cfg, bw["copy"], weights=fmt, kv_bits="fp32", context_length=context)
         roof_read = decode_roofline(cfg, bw["read"], weights=fmt, kv_bits="fp32", context_length=context)
         measured = 1 / statistics.median(seconds[name])
-        print(f"{name:38s} {roof.bytes_per_step / MB:9.1f} {roof.tokens_per_s:9.1f} {measured:9.1f} "
-              f"{measured / roof.tokens_per_s:6.2f} {measured / roof_read.tokens_per_s:9.2f}")
-    print("\nroofline in tokens/s; ratio = measured / roofline with the copy bandwidth ('read bw': with the "
-          "read-only bandwidth)")
+        print(
+            f"{name:38s} {roof.bytes_per_step / MB:9.1f} {roof.tokens_per_s:9.1f} {measured:9.1f} "
+            f"{measured / roof.tokens_per_s:6.2f} {measured / roof_read.tokens_per_s:9.2f}"
+        )
+    print(
+        "\nroofline in tokens/s; ratio = measured / roofline with the copy bandwidth ('read bw': with the "
+        "read-only bandwidth)"
+    )
     print("\nSame formula on the Jetson Orin Nano (upper bounds, context 512):")
     for fmt in ("fp16", "int8", "q4_0"):
         nano = decode_roofline(cfg, ORIN_NANO_8GB, weights=fmt, kv_bits="fp16", context_length=512)
         superb = decode_roofline(cfg, ORIN_NANO_SUPER, weights=fmt, kv_bits="fp16", context_length=512)
-        print(f"  {fmt:5s} {nano.bytes_per_step / MB:7.1f} MB/token: {nano.tokens_per_s:6.0f} tokens/s at 68 GB/s, "
-              f"{superb.tokens_per_s:6.0f} at 102 GB/s")
+        print(
+            f"  {fmt:5s} {nano.bytes_per_step / MB:7.1f} MB/token: "
+            f"{nano.tokens_per_s:6.0f} tokens/s at 68 GB/s, "
+            f"{superb.tokens_per_s:6.0f} at 102 GB/s"
+        )
     tmp.cleanup()
 
 

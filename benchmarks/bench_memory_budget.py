@@ -68,14 +68,36 @@ def child(case: str) -> dict:
     prompt_tokens = inputs["input_ids"].shape[1]
     reset_peak()
     with torch.no_grad():
-        model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"],
-                       max_new_tokens=new_tokens, eos_token_id=None)
+        model.generate(
+            inputs["input_ids"],
+            inputs["pixel_values"],
+            inputs["attention_mask"],
+            max_new_tokens=new_tokens,
+            eos_token_id=None,
+        )
     peak = proc_status("VmHWM")
-    budget = estimate_memory(model.config, weights="fp32", kv_bits="fp32", context_length=prompt_tokens + new_tokens,
-                             batch=batch, runtime_overhead=overhead, prefill_tokens=prompt_tokens)
-    return {"case": case, "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "overhead": overhead, "after_load": after_load, "peak": peak, "estimate": budget.total,
-            "weights": budget.weight_bytes, "kv": budget.kv_cache, "activations": budget.activations}
+    budget = estimate_memory(
+        model.config,
+        weights="fp32",
+        kv_bits="fp32",
+        context_length=prompt_tokens + new_tokens,
+        batch=batch,
+        runtime_overhead=overhead,
+        prefill_tokens=prompt_tokens,
+    )
+    return {
+        "case": case,
+        "batch": batch,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "overhead": overhead,
+        "after_load": after_load,
+        "peak": peak,
+        "estimate": budget.total,
+        "weights": budget.weight_bytes,
+        "kv": budget.kv_cache,
+        "activations": budget.activations,
+    }
 
 
 def main() -> None:
@@ -87,9 +109,12 @@ def main() -> None:
         print(json.dumps(child(args.child)))
         return
     mb = 2**20
-    print(f"{'case':12s} {'prompt+new':>10s} {'weights':>8s} {'KV':>7s} {'activ.':>7s} {'overhead':>8s} "
-          f"{'estimate':>8s} {'measured':>8s} {'error':>7s} | {'model est.':>10s} {'model meas.':>11s} {'error':>7s}"
-          f" | {'loaded':>7s}")
+    print(
+        f"{'case':12s} {'prompt+new':>10s} {'weights':>8s} {'KV':>7s} {'activ.':>7s} {'overhead':>8s} "
+        f"{'estimate':>8s} {'measured':>8s} {'error':>7s} | "
+        f"{'model est.':>10s} {'model meas.':>11s} {'error':>7s}"
+        f" | {'loaded':>7s}"
+    )
     for case in args.cases.split(","):
         if case not in CASES:
             raise SystemExit(f"unknown case {case!r}: choose from {list(CASES)}")
@@ -99,13 +124,20 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         error = r["estimate"] / r["peak"] - 1
         model_est, model_meas = r["estimate"] - r["overhead"], r["peak"] - r["overhead"]
-        print(f"{case:12s} {r['prompt_tokens']:>5d}+{r['new_tokens']:<4d} {r['weights'] / mb:8.1f} {r['kv'] / mb:7.1f} "
-              f"{r['activations'] / mb:7.1f} {r['overhead'] / mb:8.1f} {r['estimate'] / mb:8.1f} {r['peak'] / mb:8.1f} "
-              f"{error:+7.1%} | {model_est / mb:10.1f} {model_meas / mb:11.1f} {model_est / model_meas - 1:+7.1%}"
-              f" | {(r['after_load'] - r['overhead']) / mb:7.1f}")
-    print("\nMB = 2^20 bytes. measured = peak resident memory while generating (VmHWM after a reset). "
-          "error = estimate / measured - 1; 'model' columns leave out the measured runtime overhead; "
-          "'loaded' = resident memory added by loading the model, before generating.")
+        print(
+            f"{case:12s} {r['prompt_tokens']:>5d}+{r['new_tokens']:<4d} "
+            f"{r['weights'] / mb:8.1f} {r['kv'] / mb:7.1f} "
+            f"{r['activations'] / mb:7.1f} {r['overhead'] / mb:8.1f} "
+            f"{r['estimate'] / mb:8.1f} {r['peak'] / mb:8.1f} "
+            f"{error:+7.1%} | {model_est / mb:10.1f} {model_meas / mb:11.1f} "
+            f"{model_est / model_meas - 1:+7.1%}"
+            f" | {(r['after_load'] - r['overhead']) / mb:7.1f}"
+        )
+    print(
+        "\nMB = 2^20 bytes. measured = peak resident memory while generating (VmHWM after a reset). "
+        "error = estimate / measured - 1; 'model' columns leave out the measured runtime overhead; "
+        "'loaded' = resident memory added by loading the model, before generating."
+    )
 
 
 if __name__ == "__main__":

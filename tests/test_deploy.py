@@ -87,8 +87,13 @@ def bundle(saved_model, tmp_path_factory):
 
 def torch_greedy(model, processor, image, question=QUESTION, max_new_tokens=12) -> list[int]:
     batch = processor(image, question)
-    new = model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                         max_new_tokens=max_new_tokens, eos_token_id=processor.eos_token_id)
+    new = model.generate(
+        batch["input_ids"],
+        batch["pixel_values"],
+        batch["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        eos_token_id=processor.eos_token_id,
+    )
     return new[0].tolist()
 
 
@@ -158,9 +163,10 @@ def test_merge_without_lora_changes_nothing():
 
 
 def test_onnx_export_matches_pytorch(bundle, tiny):
-    """Graphs in the bundle vs PyTorch: vision, padded batch-2 prefill with an empty cache, one decode step."""
+    """Bundle graphs vs PyTorch: vision, a padded batch-2 prefill with an empty cache, one decode step."""
     parity = check_onnx_parity(tiny[0], bundle)
-    # fp32 through different kernels (and summation orders): differences are rounding, ~1e-7 on logits of ~1-10.
+    # fp32 through different kernels (and summation orders): the differences are rounding, ~1e-7 on
+    # logits of ~1-10.
     assert parity.image_embeds < 1e-4
     assert parity.prefill_logits < 1e-4
     assert parity.decode_logits < 1e-4
@@ -199,11 +205,38 @@ def test_int8_graphs_are_smaller_and_close(bundle, tiny):
     assert 0 < error < 0.1, f"int8 relative logit error {error}"
 
 
+def test_weight_only_int8_is_smaller_and_closer_than_dynamic(bundle, tmp_path):
+    from vlm_course.deploy import quantize_int8
+
+    runtime = load_runtime()
+    fp32 = runtime.VLMRunner(bundle, check_hashes=False)
+    path = quantize_int8(bundle / "decoder.onnx", tmp_path / "decoder_wo.onnx", scheme="weight_only")
+    assert path.stat().st_size < 0.35 * (bundle / "decoder.onnx").stat().st_size
+    ids = fp32.prompt(QUESTION)
+    embeds = fp32.embed(ids, fp32.encode_images(fp32.pixel_values([picture((200, 30, 30))])))
+    ref, _ = fp32.decoder_step(embeds, fp32.empty_cache(), 0)
+    errors = {}
+    for name, graph in (("dynamic", bundle / "decoder_int8.onnx"), ("weight_only", path)):
+        fp32.decoder = make_session(graph)
+        logits, _ = fp32.decoder_step(embeds, fp32.empty_cache(), 0)
+        errors[name] = np.abs(logits - ref).max()
+    # float activations keep more precision than activations rounded to 256 levels per tensor
+    assert 0 < errors["weight_only"] < errors["dynamic"]
+    with pytest.raises(ValueError, match="scheme"):
+        quantize_int8(bundle / "decoder.onnx", tmp_path / "x.onnx", scheme="int4")
+
+
 def test_compare_int8_accuracy_reports_sizes_and_scores(bundle):
     from vlm_course.deploy import compare_int8_accuracy
 
-    rows = [{"images": [picture(c)], "texts": [{"user": "What colour is the shape?", "assistant": "red"}],
-             "source": "shapes"} for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
+    rows = [
+        {
+            "images": [picture(c)],
+            "texts": [{"user": "What colour is the shape?", "assistant": "red"}],
+            "source": "shapes",
+        }
+        for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))
+    ]
     report = compare_int8_accuracy(bundle, rows, max_new_tokens=6, progress=False)
     assert report.num_questions == 3 and len(report.rows) == 3
     assert report.size_ratio < 0.5
@@ -236,7 +269,9 @@ def test_gguf_f32_round_trip_through_transformers(tiny, tmp_path):
 def test_gguf_f16_round_trip_from_the_bundle(bundle, tiny):
     decoder, tokenizer = tiny[0].decoder, tiny[1].tokenizer
     # (the tokenizer metadata is the same as in the f32 test; reading it back costs seconds, so skip it here)
-    result = check_gguf_roundtrip(decoder, tokenizer, bundle / "decoder-f16.gguf", "f16", check_tokenizer=False)
+    result = check_gguf_roundtrip(
+        decoder, tokenizer, bundle / "decoder-f16.gguf", "f16", check_tokenizer=False
+    )
     assert result.weights_equal  # equal to our weights rounded to f16
     assert result.max_abs_logits < 1e-5  # same rounded weights, same maths
     # vs fp32: only f16 rounding (relative 2^-11 per weight) remains
@@ -271,8 +306,9 @@ def test_parameter_counts_match_the_modules(profile):
     with torch.device("meta"):  # shapes only, even for the 222M-parameter nano
         model = VisionLanguageModel(config)
     assert vision_parameters(config.vision) == sum(p.numel() for p in model.vision.parameters())
-    assert projector_parameters(config.projector, config.vision.hidden_size, config.decoder.hidden_size) == sum(
-        p.numel() for p in model.projector.parameters())
+    assert projector_parameters(
+        config.projector, config.vision.hidden_size, config.decoder.hidden_size
+    ) == sum(p.numel() for p in model.projector.parameters())
     assert decoder_parameters(config.decoder) == model.decoder.num_parameters
 
 
@@ -281,14 +317,20 @@ def test_budget_weights_and_kv_cache_equal_real_tensor_bytes(tiny):
     config = model.config
     context, batch = 37, 3
     budget = estimate_memory(config, weights="fp32", kv_bits="fp32", context_length=context, batch=batch)
-    assert budget.weight_bytes == sum(p.numel() * p.element_size() for p in
-                                      {id(p): p for p in model.parameters()}.values())
+    assert budget.weight_bytes == sum(
+        p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+    )
     cache = KVCache(config.decoder.num_layers)
     with torch.no_grad():
         model.decoder(input_ids=torch.randint(0, 100, (batch, context)), kv_cache=cache)
     assert budget.kv_cache == sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
-    half = estimate_memory(config, weights={"vision": "fp32", "projector": "fp32", "decoder": "fp16"},
-                           kv_bits="fp16", context_length=context, batch=batch)
+    half = estimate_memory(
+        config,
+        weights={"vision": "fp32", "projector": "fp32", "decoder": "fp16"},
+        kv_bits="fp16",
+        context_length=context,
+        batch=batch,
+    )
     assert half.weights["decoder"] == budget.weights["decoder"] / 2 and half.kv_cache == budget.kv_cache / 2
 
 
@@ -316,7 +358,9 @@ def test_roofline_by_hand_and_its_trends():
     assert roof.tokens_per_s == pytest.approx(1e9 / (3_219_776 * 4 + kv))
     nano = get_profile("nano").config
     fp16 = decode_roofline(nano, ORIN_NANO_8GB, "fp16")
-    assert decode_roofline(nano, ORIN_NANO_SUPER, "fp16").tokens_per_s / fp16.tokens_per_s == pytest.approx(102 / 68)
+    assert decode_roofline(nano, ORIN_NANO_SUPER, "fp16").tokens_per_s / fp16.tokens_per_s == pytest.approx(
+        102 / 68
+    )
     assert decode_roofline(nano, ORIN_NANO_8GB, "q4_0").tokens_per_s > fp16.tokens_per_s
     assert decode_roofline(nano, ORIN_NANO_8GB, "fp16", context_length=4096).tokens_per_s < fp16.tokens_per_s
     assert decode_roofline(nano, ORIN_NANO_8GB, "fp16", batch=8).tokens_per_s > fp16.tokens_per_s
@@ -337,8 +381,17 @@ def test_bundle_has_every_file_listed_in_its_manifest(bundle):
     listed = set(manifest["files"])
     on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
     assert listed == on_disk
-    for name in ("image_encoder.onnx", "decoder.onnx", "embed_tokens.npy", "decoder_int8.onnx",
-                 "decoder-f16.gguf", "tokenizer/tokenizer.json", "run.py", "benchmark.py", "README.md"):
+    for name in (
+        "image_encoder.onnx",
+        "decoder.onnx",
+        "embed_tokens.npy",
+        "decoder_int8.onnx",
+        "decoder-f16.gguf",
+        "tokenizer/tokenizer.json",
+        "run.py",
+        "benchmark.py",
+        "README.md",
+    ):
         assert name in listed
     readme = (bundle / "README.md").read_text()
     assert "{{" not in readme and "Orin Nano" in readme and "llama-cli" in readme
@@ -353,8 +406,21 @@ def test_run_py_matches_pytorch_greedy_tokens(bundle, tiny, tmp_path):
         picture(colour).save(image_path)
         expected = torch_greedy(model, processor, Image.open(image_path))
         result = subprocess.run(
-            [sys.executable, str(bundle / "run.py"), "--image", str(image_path), "--question", QUESTION,
-             "--max-new-tokens", "12", "--print-ids"], capture_output=True, text=True, timeout=120)
+            [
+                sys.executable,
+                str(bundle / "run.py"),
+                "--image",
+                str(image_path),
+                "--question",
+                QUESTION,
+                "--max-new-tokens",
+                "12",
+                "--print-ids",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stderr
         text, ids = result.stdout.rstrip("\n").rsplit("\n", 1)
         assert json.loads(ids) == expected
@@ -364,12 +430,16 @@ def test_run_py_matches_pytorch_greedy_tokens(bundle, tiny, tmp_path):
 
 
 def test_run_py_imports_no_torch_or_vlm_course(bundle):
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import run; "
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'vlm_course', 'transformers')]; "
-            "runner = run.VLMRunner(sys.argv[1]); "
-            "bad += [m for m in sys.modules if m.split('.')[0] in ('torch', 'vlm_course', 'transformers')]; "
-            "print(sorted(set(bad)))")
-    result = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=120)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import run; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'vlm_course', 'transformers')]; "
+        "runner = run.VLMRunner(sys.argv[1]); "
+        "bad += [m for m in sys.modules if m.split('.')[0] in ('torch', 'vlm_course', 'transformers')]; "
+        "print(sorted(set(bad)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -381,13 +451,18 @@ def test_prompt_of_run_py_equals_the_processor(bundle, tiny):
         expected = processor.encode_prompt(question, [picture((1, 2, 3))])["input_ids"].tolist()
         assert runner.prompt(question, 1) == expected
     pixels = runner.pixel_values([picture((10, 200, 30), size=(97, 41))])
-    torch.testing.assert_close(torch.from_numpy(pixels[0]), processor.image_transform(picture((10, 200, 30),
-                                                                                            size=(97, 41))))
+    torch.testing.assert_close(
+        torch.from_numpy(pixels[0]), processor.image_transform(picture((10, 200, 30), size=(97, 41)))
+    )
 
 
 def test_benchmark_py_reports_speed_and_memory(bundle):
-    result = subprocess.run([sys.executable, str(bundle / "benchmark.py"), "--runs", "1", "--new-tokens", "5",
-                             "--json"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(bundle / "benchmark.py"), "--runs", "1", "--new-tokens", "5", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["new_tokens"] == 5 and report["decode_tokens_per_s"] > 0
@@ -396,8 +471,12 @@ def test_benchmark_py_reports_speed_and_memory(bundle):
 
 
 def _run(bundle_dir, image):
-    return subprocess.run([sys.executable, str(bundle_dir / "run.py"), "--image", str(image), "--question", "hi"],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(bundle_dir / "run.py"), "--image", str(image), "--question", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_bundle_missing_or_corrupt_file_is_named(bundle, tmp_path):
@@ -461,7 +540,7 @@ def test_build_bundle_will_not_overwrite_by_accident(bundle, tiny):
 
 
 def test_onnx_decoder_cache_round_trip_matches_pytorch_generation(tiny, tmp_path):
-    """A bare decoder (no vision) exported on its own: 20 greedy steps through onnxruntime == Decoder.generate."""
+    """A bare decoder exported on its own: 20 greedy steps through onnxruntime == Decoder.generate."""
     from vlm_course.deploy.onnx_export import decoder_input_names, export_decoder
 
     decoder = Decoder(get_profile("tiny").config.decoder).eval()
@@ -475,9 +554,17 @@ def test_onnx_decoder_cache_round_trip_matches_pytorch_generation(tiny, tmp_path
     past = [np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)] * (2 * cfg.num_layers)
     step_ids, tokens, seen = prompt[0].tolist(), [], 0
     for _ in range(20):
-        feeds = dict(zip(decoder_input_names(cfg.num_layers), [
-            embed[step_ids][None], np.ones((1, seen + len(step_ids)), np.int64),
-            np.arange(seen, seen + len(step_ids))[None], *past]))
+        feeds = dict(
+            zip(
+                decoder_input_names(cfg.num_layers),
+                [
+                    embed[step_ids][None],
+                    np.ones((1, seen + len(step_ids)), np.int64),
+                    np.arange(seen, seen + len(step_ids))[None],
+                    *past,
+                ],
+            )
+        )
         logits, *past = session.run(None, feeds)
         seen += len(step_ids)
         step_ids = [int(logits[0, -1].argmax())]

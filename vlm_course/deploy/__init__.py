@@ -1,11 +1,12 @@
 """Deployment: from a trained VLM to a folder that runs on a Jetson Orin Nano without PyTorch.
 
     merge.py        fold LoRA adapters into the base weights
-    onnx_export.py  vision+projector graph, decoder graph with KV-cache inputs/outputs, embeddings; parity check
+    onnx_export.py  vision+projector graph, decoder with KV-cache inputs/outputs, embeddings; parity check
     quantize.py     dynamic int8 quantisation (onnxruntime) and its accuracy change on held-out questions
     gguf_export.py  the decoder as a llama.cpp GGUF file; round trip through transformers' GGUF reader
     budget.py       memory budget and decode roofline for a device (Orin Nano presets)
     bundle.py       the bundle folder: model files, tokenizer, run.py, benchmark.py, README, manifest
+    report.py       `python -m vlm_course.deploy.report`: build a bundle and print every round-trip figure
 
 Command line: `python -m vlm_course export --model DIR --out BUNDLE [--int8] [--gguf | --no-gguf]`.
 """
@@ -33,10 +34,28 @@ from .onnx_export import check_onnx_parity, export_onnx, make_session
 from .quantize import compare_int8_accuracy, quantize_int8
 
 __all__ = [
-    "ORIN_NANO_8GB", "ORIN_NANO_SUPER", "PRESETS", "DevicePreset", "MemoryBudget", "build_bundle",
-    "check_gguf_roundtrip", "check_onnx_parity", "compare_int8_accuracy", "decode_roofline", "estimate_memory",
-    "export_gguf", "export_main", "export_onnx", "load_model_for_export", "load_runtime", "make_session",
-    "measure_memory_bandwidth", "merge_lora_adapters", "quantize_int8", "this_machine", "verify_bundle",
+    "ORIN_NANO_8GB",
+    "ORIN_NANO_SUPER",
+    "PRESETS",
+    "DevicePreset",
+    "MemoryBudget",
+    "build_bundle",
+    "check_gguf_roundtrip",
+    "check_onnx_parity",
+    "compare_int8_accuracy",
+    "decode_roofline",
+    "estimate_memory",
+    "export_gguf",
+    "export_main",
+    "export_onnx",
+    "load_model_for_export",
+    "load_runtime",
+    "make_session",
+    "measure_memory_bandwidth",
+    "merge_lora_adapters",
+    "quantize_int8",
+    "this_machine",
+    "verify_bundle",
 ]
 
 
@@ -44,16 +63,36 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vlm_course export",
         description="Export a saved VLM into a deployment bundle: ONNX graphs, GGUF decoder, tokenizer, "
-                    "a standalone run.py and benchmark.py, and a README for the Jetson Orin Nano.")
-    parser.add_argument("--model", required=True, help="folder written by model.save_pretrained (config.json + "
-                                                       "model.safetensors), e.g. <train output>/model")
+        "a standalone run.py and benchmark.py, and a README for the Jetson Orin Nano.",
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="folder written by model.save_pretrained (config.json + "
+        "model.safetensors), e.g. <train output>/model",
+    )
     parser.add_argument("--out", required=True, help="bundle folder to create")
-    parser.add_argument("--int8", action="store_true", help="also write int8 (dynamic quantisation) graphs")
-    parser.add_argument("--gguf", action=argparse.BooleanOptionalAction, default=True,
-                        help="write the decoder as GGUF for llama.cpp (default: yes)")
+    parser.add_argument("--int8", action="store_true", help="also write int8 graphs")
+    parser.add_argument(
+        "--int8-scheme",
+        choices=["dynamic", "weight_only"],
+        default="dynamic",
+        help="dynamic: int8 weights and activations (quantize_dynamic); weight_only: int8 weights, "
+        "float activations (MatMulNBits), more accurate on SmolLM2",
+    )
+    parser.add_argument(
+        "--gguf",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="write the decoder as GGUF for llama.cpp (default: yes)",
+    )
     parser.add_argument("--gguf-dtype", choices=["f16", "f32"], default="f16")
-    parser.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
-                        help="torch.onnx exporter (see vlm_course/deploy/onnx_export.py for why torchscript)")
+    parser.add_argument(
+        "--exporter",
+        choices=["torchscript", "dynamo"],
+        default="torchscript",
+        help="torch.onnx exporter (see vlm_course/deploy/onnx_export.py for why torchscript)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     return parser
 
@@ -61,8 +100,16 @@ def build_export_parser() -> argparse.ArgumentParser:
 def export_main(argv=None) -> int:
     args = build_export_parser().parse_args(argv)
     try:
-        out = build_bundle(args.model, args.out, int8=args.int8, gguf=args.gguf, gguf_dtype=args.gguf_dtype,
-                           exporter=args.exporter, overwrite=args.overwrite)
+        out = build_bundle(
+            args.model,
+            args.out,
+            int8=args.int8,
+            gguf=args.gguf,
+            gguf_dtype=args.gguf_dtype,
+            exporter=args.exporter,
+            overwrite=args.overwrite,
+            int8_scheme=args.int8_scheme,
+        )
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -93,14 +93,22 @@ class DevicePreset:
 
 
 ORIN_NANO_8GB = DevicePreset(
-    "Jetson Orin Nano 8GB", usable_bytes=5.2 * GB, bandwidth_bytes_per_s=68 * GB, total_bytes=8 * GB,
-    shared_memory=True, runtime_overhead_bytes=800 * MB,
+    "Jetson Orin Nano 8GB",
+    usable_bytes=5.2 * GB,
+    bandwidth_bytes_per_s=68 * GB,
+    total_bytes=8 * GB,
+    shared_memory=True,
+    runtime_overhead_bytes=800 * MB,
     notes="~5.2 GB left after the OS and desktop (user reports); 68 GB/s LPDDR5 shared by CPU and GPU; "
-          "runtime overhead guessed as CUDA context + onnxruntime/llama.cpp libraries",
+    "runtime overhead guessed as CUDA context + onnxruntime/llama.cpp libraries",
 )
 ORIN_NANO_SUPER = DevicePreset(
-    "Jetson Orin Nano Super", usable_bytes=5.2 * GB, bandwidth_bytes_per_s=102 * GB, total_bytes=8 * GB,
-    shared_memory=True, runtime_overhead_bytes=800 * MB,
+    "Jetson Orin Nano Super",
+    usable_bytes=5.2 * GB,
+    bandwidth_bytes_per_s=102 * GB,
+    total_bytes=8 * GB,
+    shared_memory=True,
+    runtime_overhead_bytes=800 * MB,
     notes="the same board in the 'Super' power mode (JetPack 6.2): memory clock raised to 102 GB/s",
 )
 PRESETS = {"orin-nano": ORIN_NANO_8GB, "orin-nano-super": ORIN_NANO_SUPER}
@@ -146,9 +154,14 @@ def this_machine(bandwidth_bytes_per_s: float | None = None) -> DevicePreset:
 
     bandwidth = bandwidth_bytes_per_s or measure_memory_bandwidth()
     memory = psutil.virtual_memory()
-    return DevicePreset("this machine", usable_bytes=memory.available, bandwidth_bytes_per_s=bandwidth,
-                        total_bytes=memory.total, runtime_overhead_bytes=400 * MB,
-                        notes="measured at run time: available RAM now, torch copy bandwidth")
+    return DevicePreset(
+        "this machine",
+        usable_bytes=memory.available,
+        bandwidth_bytes_per_s=bandwidth,
+        total_bytes=memory.total,
+        runtime_overhead_bytes=400 * MB,
+        notes="measured at run time: available RAM now, torch copy bandwidth",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,8 +177,11 @@ class Fit:
 
     def __str__(self) -> str:
         verdict = "fits" if self.fits else "does NOT fit"
-        return (f"{verdict}: needs {self.needed_bytes / GB:.2f} GB (with margin) of {self.usable_bytes / GB:.2f} GB "
-                f"usable; headroom {self.headroom_bytes / GB:+.2f} GB")
+        return (
+            f"{verdict}: needs {self.needed_bytes / GB:.2f} GB (with margin) of "
+            f"{self.usable_bytes / GB:.2f} GB "
+            f"usable; headroom {self.headroom_bytes / GB:+.2f} GB"
+        )
 
 
 @dataclass
@@ -196,15 +212,24 @@ class MemoryBudget:
 
     def table(self) -> str:
         rows = [(f"weights: {name} ({self.weight_formats[name]})", b) for name, b in self.weights.items()]
-        rows += [(f"KV cache ({self.context_length} tokens x batch {self.batch})", self.kv_cache),
-                 ("activations (peak, prefill)", self.activations), ("runtime overhead", self.runtime_overhead),
-                 ("total", self.total)]
+        rows += [
+            (f"KV cache ({self.context_length} tokens x batch {self.batch})", self.kv_cache),
+            ("activations (peak, prefill)", self.activations),
+            ("runtime overhead", self.runtime_overhead),
+            ("total", self.total),
+        ]
         width = max(len(name) for name, _ in rows)
         return "\n".join(f"{name:<{width}}  {b / MB:9.1f} MB" for name, b in rows)
 
 
-def estimate_activations(config: VLMConfig, prefill_tokens: int, batch: int, images_per_sample: int = 1,
-                         activation_bits: float = 32, full_logits: bool = False) -> tuple[float, dict]:
+def estimate_activations(
+    config: VLMConfig,
+    prefill_tokens: int,
+    batch: int,
+    images_per_sample: int = 1,
+    activation_bits: float = 32,
+    full_logits: bool = False,
+) -> tuple[float, dict]:
     """The largest set of temporaries alive at once, in bytes, and the candidates it was the max of.
 
     Layers run one after another and free their temporaries, so the peak is one layer's worth:
@@ -219,11 +244,14 @@ def estimate_activations(config: VLMConfig, prefill_tokens: int, batch: int, ima
     images = batch * images_per_sample
     candidates = {
         "decoder_mlp": tokens * (2 * d.hidden_size + 3 * d.intermediate_size) * act,
-        "decoder_attention": (tokens * (2 * d.hidden_size + 3 * d.num_heads * d.head_dim) * act
-                              + batch * d.num_heads * prefill_tokens**2 * act),
+        "decoder_attention": (
+            tokens * (2 * d.hidden_size + 3 * d.num_heads * d.head_dim) * act
+            + batch * d.num_heads * prefill_tokens**2 * act
+        ),
         "vision_mlp": images * v.num_patches * (2 * v.hidden_size + 2 * v.intermediate_size) * act,
-        "vision_attention": (images * v.num_patches * 5 * v.hidden_size * act
-                             + images * v.num_heads * v.num_patches**2 * act),
+        "vision_attention": (
+            images * v.num_patches * 5 * v.hidden_size * act + images * v.num_heads * v.num_patches**2 * act
+        ),
     }
     logits = batch * (prefill_tokens if full_logits else 1) * d.vocab_size * 4  # logits are float32
     peak = max(candidates.values()) + logits
@@ -252,25 +280,45 @@ def estimate_memory(
     runtime_overhead: bytes for the runtime itself; default: the device preset's guess, else 500 MB.
     prefill_tokens: tokens processed in one forward (default: the whole context, the worst case).
     """
-    formats = weights if isinstance(weights, dict) else {"vision": weights, "projector": weights, "decoder": weights}
+    formats = (
+        weights
+        if isinstance(weights, dict)
+        else {"vision": weights, "projector": weights, "decoder": weights}
+    )
     unknown = set(formats) - {"vision", "projector", "decoder"}
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}: use vision, projector, decoder")
     formats = {name: formats.get(name, "fp32") for name in ("vision", "projector", "decoder")}
     params = {
         "vision": vision_parameters(config.vision),
-        "projector": projector_parameters(config.projector, config.vision.hidden_size, config.decoder.hidden_size),
+        "projector": projector_parameters(
+            config.projector, config.vision.hidden_size, config.decoder.hidden_size
+        ),
         "decoder": decoder_parameters(config.decoder),
     }
     weight_bytes = {name: params[name] * bits_of(formats[name]) / 8 for name in params}
     kv = kv_bytes_per_token(config.decoder, bits_of(kv_bits)) * context_length * batch
     activations, candidates = estimate_activations(
-        config, prefill_tokens or context_length, batch, images_per_sample, bits_of(activation_bits), full_logits)
+        config,
+        prefill_tokens or context_length,
+        batch,
+        images_per_sample,
+        bits_of(activation_bits),
+        full_logits,
+    )
     if runtime_overhead is None:
         preset = get_preset(device) if isinstance(device, str) else device
         runtime_overhead = preset.runtime_overhead_bytes if preset else 500 * MB
-    return MemoryBudget(weight_bytes, {k: str(v) for k, v in formats.items()}, kv, activations, runtime_overhead,
-                        context_length, batch, details={"parameters": params, "activation_candidates": candidates})
+    return MemoryBudget(
+        weight_bytes,
+        {k: str(v) for k, v in formats.items()},
+        kv,
+        activations,
+        runtime_overhead,
+        context_length,
+        batch,
+        details={"parameters": params, "activation_candidates": candidates},
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,8 +346,14 @@ class Roofline:
         return 1e3 / self.tokens_per_s
 
 
-def decode_roofline(config: VLMConfig | DecoderConfig, bandwidth: DevicePreset | str | float, weights="fp16",
-                    kv_bits="fp16", context_length: int = 512, batch: int = 1) -> Roofline:
+def decode_roofline(
+    config: VLMConfig | DecoderConfig,
+    bandwidth: DevicePreset | str | float,
+    weights="fp16",
+    kv_bits="fp16",
+    context_length: int = 512,
+    batch: int = 1,
+) -> Roofline:
     """tokens/s ~ bandwidth / (decoder weight bytes + KV-cache bytes) for one decode step.
 
     Every weight matrix is read once per step, the output head included (for a tied head that is the
@@ -316,40 +370,72 @@ def decode_roofline(config: VLMConfig | DecoderConfig, bandwidth: DevicePreset |
     return Roofline(weight_bytes, kv, bandwidth, batch)
 
 
-def deployment_table(config: VLMConfig, variants: dict[str, tuple], context_length: int = 1024, batch: int = 1,
-                     devices=(ORIN_NANO_8GB, ORIN_NANO_SUPER), margin: float = 0.1) -> str:
+def deployment_table(
+    config: VLMConfig,
+    variants: dict[str, tuple],
+    context_length: int = 1024,
+    batch: int = 1,
+    devices=(ORIN_NANO_8GB, ORIN_NANO_SUPER),
+    margin: float = 0.1,
+) -> str:
     """A plain-text table for a README: memory and decode roofline of each way of running the model.
 
     variants: name -> (weight formats, KV-cache format), e.g. {"run.py fp32": ("fp32", "fp32")}; the
     weight formats may be one name or a per-component dict. Fits and headroom are for the first device.
     """
     first = devices[0]
-    header = (f"{'variant':38s} {'weights':>8s} {'KV':>7s} {'activ.':>7s} {'runtime':>8s} {'total':>8s}  "
-              f"{'fits ' + first.name:>30s}  " + "  ".join(f"{d.bandwidth_bytes_per_s / GB:.0f} GB/s" for d in devices))
+    header = (
+        f"{'variant':38s} {'weights':>8s} {'KV':>7s} {'activ.':>7s} {'runtime':>8s} {'total':>8s}  "
+        f"{'fits ' + first.name:>30s}  "
+        + "  ".join(f"{d.bandwidth_bytes_per_s / GB:.0f} GB/s" for d in devices)
+    )
     lines = [header, "-" * len(header)]
     for name, (weights, kv_bits) in variants.items():
         budget = estimate_memory(config, weights, kv_bits, context_length, batch, device=first)
         fit = budget.fits(first, margin)
         decoder_format = weights if not isinstance(weights, dict) else weights.get("decoder", "fp32")
-        speeds = [decode_roofline(config, d, decoder_format, kv_bits, context_length, batch).tokens_per_s
-                  for d in devices]
+        speeds = [
+            decode_roofline(config, d, decoder_format, kv_bits, context_length, batch).tokens_per_s
+            for d in devices
+        ]
         verdict = f"{'yes' if fit.fits else 'NO'}, headroom {fit.headroom_bytes / GB:+.2f} GB"
-        lines.append(f"{name:38s} {budget.weight_bytes / MB:7.0f}M {budget.kv_cache / MB:6.0f}M "
-                     f"{budget.activations / MB:6.0f}M {budget.runtime_overhead / MB:7.0f}M {budget.total / MB:7.0f}M  "
-                     f"{verdict:>30s}  " + "  ".join(f"{v:5.0f} tok/s" for v in speeds))
-    lines.append(f"(M = MiB; context {context_length} tokens, batch {batch}; fits = total x {1 + margin:.1f} <= "
-                 f"{first.usable_bytes / GB:.1f} GB usable; tok/s = decode roofline, an upper bound)")
+        lines.append(
+            f"{name:38s} {budget.weight_bytes / MB:7.0f}M {budget.kv_cache / MB:6.0f}M "
+            f"{budget.activations / MB:6.0f}M {budget.runtime_overhead / MB:7.0f}M "
+            f"{budget.total / MB:7.0f}M  "
+            f"{verdict:>30s}  " + "  ".join(f"{v:5.0f} tok/s" for v in speeds)
+        )
+    lines.append(
+        f"(M = MiB; context {context_length} tokens, batch {batch}; fits = total x {1 + margin:.1f} <= "
+        f"{first.usable_bytes / GB:.1f} GB usable; tok/s = decode roofline, an upper bound)"
+    )
     return "\n".join(lines)
 
 
-def device_report(config: VLMConfig, device: DevicePreset | str, weights="fp16", kv_bits="fp16",
-                  context_length: int = 1024, batch: int = 1, margin: float = 0.1) -> str:
+def device_report(
+    config: VLMConfig,
+    device: DevicePreset | str,
+    weights="fp16",
+    kv_bits="fp16",
+    context_length: int = 1024,
+    batch: int = 1,
+    margin: float = 0.1,
+) -> str:
     """A few lines for a README: memory table, fit verdict and decode roofline on one device."""
     device = get_preset(device) if isinstance(device, str) else device
     budget = estimate_memory(config, weights, kv_bits, context_length, batch, device=device)
-    roof = decode_roofline(config, device, weights if isinstance(weights, str) else weights.get("decoder", "fp32"),
-                           kv_bits, context_length, batch)
-    return (f"{device.name} ({device.usable_bytes / GB:.1f} GB usable, {device.bandwidth_bytes_per_s / GB:.0f} GB/s)"
-            f"\n{budget.table()}\n{budget.fits(device, margin)}\n"
-            f"decode roofline at {context_length} tokens of context: {roof.tokens_per_s:.0f} tokens/s "
-            f"({roof.bytes_per_step / MB:.0f} MB read per token)")
+    roof = decode_roofline(
+        config,
+        device,
+        weights if isinstance(weights, str) else weights.get("decoder", "fp32"),
+        kv_bits,
+        context_length,
+        batch,
+    )
+    return (
+        f"{device.name} ({device.usable_bytes / GB:.1f} GB usable, "
+        f"{device.bandwidth_bytes_per_s / GB:.0f} GB/s)"
+        f"\n{budget.table()}\n{budget.fits(device, margin)}\n"
+        f"decode roofline at {context_length} tokens of context: {roof.tokens_per_s:.0f} tokens/s "
+        f"({roof.bytes_per_step / MB:.0f} MB read per token)"
+    )

@@ -46,7 +46,10 @@ PARITY_TOLERANCE = 1e-3  # refuse to ship graphs whose fp32 logits differ more t
 
 
 def load_model_for_export(model_or_dir):
-    """A VisionLanguageModel (LoRA merged, float32, eval) from a model or a saved folder, checked for export."""
+    """A VisionLanguageModel (LoRA merged, float32, eval) from a model or a saved folder, checked for export.
+
+    A model passed in is changed in place (adapters merged, cast to float32).
+    """
     from ..vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
 
     if isinstance(model_or_dir, nn.Module):
@@ -54,16 +57,27 @@ def load_model_for_export(model_or_dir):
     else:
         folder = Path(model_or_dir)
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is not a folder: pass the folder a model was saved to with "
-                                    "model.save_pretrained(folder) (e.g. <train output>/model)")
+            raise FileNotFoundError(
+                f"{folder} is not a folder: pass the folder a model was saved to with "
+                "model.save_pretrained(folder) (e.g. <train output>/model)"
+            )
         if (folder / "adapter_config.json").exists() or (folder / "trainable.safetensors").exists():
-            raise ValueError(f"{folder} holds a training checkpoint or LoRA adapter, not a full model: load it into "
-                             "the model, merge (vlm_course.training.merge_lora) and save_pretrained the result, or "
-                             "export <train output>/model, which `python -m vlm_course train` writes")
+            raise ValueError(
+                f"{folder} holds a training checkpoint or LoRA adapter, not a full model: load it into "
+                "the model, merge (vlm_course.training.merge_lora) and save_pretrained the result, or "
+                "export <train output>/model, which `python -m vlm_course train` writes"
+            )
         missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).exists()]
         if missing:
-            raise FileNotFoundError(f"{folder} is not a saved VisionLanguageModel: it lacks {', '.join(missing)} "
-                                    "(save one with model.save_pretrained(folder))")
+            hint = (
+                f"did you mean {folder / 'model'}? "
+                "(`python -m vlm_course train` writes the merged model there)"
+                if (folder / "model" / CONFIG_NAME).exists()
+                else "save one with model.save_pretrained(folder)"
+            )
+            raise FileNotFoundError(
+                f"{folder} is not a saved VisionLanguageModel: it lacks {', '.join(missing)}; {hint}"
+            )
         try:
             config = VLMConfig.load(folder / CONFIG_NAME)
         except (ValueError, TypeError, json.JSONDecodeError) as err:
@@ -73,8 +87,10 @@ def load_model_for_export(model_or_dir):
     model = merge_lora_adapters(model).float().eval()
     bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        raise ValueError(f"the model has NaN/inf weights in {bad[:3]} (training diverged?): export an earlier "
-                         "checkpoint or retrain with a lower learning rate")
+        raise ValueError(
+            f"the model has NaN/inf weights in {bad[:3]} (training diverged?): export an earlier "
+            "checkpoint or retrain with a lower learning rate"
+        )
     return model
 
 
@@ -90,17 +106,26 @@ def check_weight_shapes(config: VLMConfig, weights_file: Path) -> None:
         with safe_open(weights_file, framework="pt") as f:
             found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
-        raise ValueError(f"{weights_file} is not a readable safetensors file ({err}): re-save the model") from err
-    mismatched = [f"{k}: config {expected[k]} vs weights {found[k]}" for k in found
-                  if k in expected and expected[k] != found[k]]
+        raise ValueError(
+            f"{weights_file} is not a readable safetensors file ({err}): re-save the model"
+        ) from err
+    mismatched = [
+        f"{k}: config {expected[k]} vs weights {found[k]}"
+        for k in found
+        if k in expected and expected[k] != found[k]
+    ]
     missing = sorted(set(expected) - set(found) - {"decoder.lm_head.weight"})
     if mismatched:
-        raise ValueError(f"config.json does not belong to these weights ({len(mismatched)} shape mismatches, e.g. "
-                         f"{mismatched[0]}): keep the config.json that was saved with model.safetensors")
+        raise ValueError(
+            f"config.json does not belong to these weights ({len(mismatched)} shape mismatches, e.g. "
+            f"{mismatched[0]}): keep the config.json that was saved with model.safetensors"
+        )
     if missing:
-        raise ValueError(f"{weights_file} lacks {len(missing)} of {len(expected)} tensors (e.g. {missing[:3]}): a "
-                         "trainable-only or partial save? Export needs the full model (save_pretrained without "
-                         "trainable_only)")
+        raise ValueError(
+            f"{weights_file} lacks {len(missing)} of {len(expected)} tensors (e.g. {missing[:3]}): a "
+            "trainable-only or partial save? Export needs the full model (save_pretrained without "
+            "trainable_only)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,9 +151,13 @@ def sha256_of(path: Path) -> str:
 
 def write_manifest(folder: Path) -> dict:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json")
-    manifest = {"format": BUNDLE_FORMAT,
-                "files": {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
-                          for p in files}}
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "files": {
+            p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+            for p in files
+        },
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -137,78 +166,122 @@ def write_manifest(folder: Path) -> dict:
 # Building
 
 
-def _runtime_config(model, processor, files: dict, parity) -> dict:
+INT8_BITS = {"dynamic": 8, "weight_only": 9}  # weight_only: one fp32 scale per 32 int8 weights
+
+
+def _runtime_config(model, processor, files: dict, parity, int8_scheme: str) -> dict:
     c = model.config
     return {
-        "format": BUNDLE_FORMAT, "files": files,
-        "image_size": c.vision.image_size, "image_mean": list(c.vision.image_mean), "image_std": list(c.vision.image_std),
-        "image_token": c.image_token, "image_token_id": processor.image_token_id,
-        "tokens_per_image": c.image_tokens_per_image, "eos_token_id": processor.eos_token_id,
+        "format": BUNDLE_FORMAT,
+        "files": files,
+        "image_size": c.vision.image_size,
+        "image_mean": list(c.vision.image_mean),
+        "image_std": list(c.vision.image_std),
+        "image_token": c.image_token,
+        "image_token_id": processor.image_token_id,
+        "tokens_per_image": c.image_tokens_per_image,
+        "eos_token_id": processor.eos_token_id,
         "system_prompt": processor.system_prompt,
-        "hidden_size": c.decoder.hidden_size, "num_layers": c.decoder.num_layers,
-        "num_kv_heads": c.decoder.num_kv_heads, "head_dim": c.decoder.head_dim,
+        "hidden_size": c.decoder.hidden_size,
+        "num_layers": c.decoder.num_layers,
+        "num_kv_heads": c.decoder.num_kv_heads,
+        "head_dim": c.decoder.head_dim,
         "max_position_embeddings": c.decoder.max_position_embeddings,
         "parity_max_abs": parity,
         # for benchmark.py's roofline: bytes one decode step reads (weights; KV cache per token of context)
-        "decode_weight_bytes": {fmt: decode_roofline(c, 1.0, fmt, "fp32", 0).weight_bytes for fmt in ("fp32", "int8")},
+        "int8_scheme": int8_scheme if "decoder_int8" in files else None,
+        "decode_weight_bytes": {
+            "fp32": decode_roofline(c, 1.0, "fp32", "fp32", 0).weight_bytes,
+            "int8": decode_roofline(c, 1.0, INT8_BITS[int8_scheme], "fp32", 0).weight_bytes,
+        },
         "kv_bytes_per_token": kv_bytes_per_token(c.decoder, 32),
     }
 
 
-def _readme(model, files: dict, parity: dict, gguf_file: str | None, name: str) -> str:
+def _readme(model, files: dict, parity: dict, gguf_file: str | None, name: str, int8_scheme: str) -> str:
     c = model.config
     descriptions = {
         "image_encoder": "vision encoder + projector (ONNX, fp32): pixels -> image embeddings",
         "decoder": "decoder with KV-cache inputs/outputs (ONNX, fp32)",
         "embed_tokens": "token-embedding matrix (numpy .npy, fp32)",
-        "image_encoder_int8": "vision graph, int8 weights (dynamic quantisation)",
-        "decoder_int8": "decoder graph, int8 weights (dynamic quantisation)",
-        "gguf": "the decoder for llama.cpp (text only)", "tokenizer": "SmolLM2 tokenizer with the <image> token",
+        "image_encoder_int8": f"vision graph, int8 weights ({int8_scheme.replace('_', '-')} quantisation)",
+        "decoder_int8": f"decoder graph, int8 weights ({int8_scheme.replace('_', '-')} quantisation)",
+        "gguf": "the decoder for llama.cpp (text only)",
+        "tokenizer": "SmolLM2 tokenizer with the <image> token",
     }
     rows = [f"| `{path}` | {descriptions.get(key, key)} |" for key, path in files.items()]
-    rows += ["| `bundle.json`, `config.json` | runtime settings, model config |",
-             "| `run.py`, `benchmark.py` | standalone runner and benchmark |",
-             "| `manifest.json` | size and sha256 of every file |"]
+    rows += [
+        "| `bundle.json`, `config.json` | runtime settings, model config |",
+        "| `run.py`, `benchmark.py` | standalone runner and benchmark |",
+        "| `manifest.json` | size and sha256 of every file |",
+    ]
     context = min(1024, c.decoder.max_position_embeddings)
     # What this bundle actually runs: ONNX graphs in fp32 (KV cache fp32 in run.py), their int8 copies, and
     # llama.cpp on the GGUF decoder (f16 KV cache by default), as written or after llama-quantize to Q4_0.
     variants = {"run.py (ONNX fp32)": ("fp32", "fp32")}
     if "decoder_int8" in files:
-        variants["run.py --int8 (ONNX int8 weights)"] = ("int8", "fp32")
+        variants["run.py --int8 (ONNX int8 weights)"] = (INT8_BITS[int8_scheme], "fp32")
     if gguf_file:
         fmt = gguf_file.split("-")[-1].removesuffix(".gguf")
         variants[f"llama.cpp {fmt} decoder + ONNX vision"] = (
-            {"vision": "fp32", "projector": "fp32", "decoder": fmt.replace("f", "fp")}, "fp16")
-        variants["llama.cpp Q4_0 decoder + ONNX vision"] = ({"vision": "fp32", "projector": "fp32",
-                                                            "decoder": "q4_0"}, "fp16")
+            {"vision": "fp32", "projector": "fp32", "decoder": fmt.replace("f", "fp")},
+            "fp16",
+        )
+        variants["llama.cpp Q4_0 decoder + ONNX vision"] = (
+            {"vision": "fp32", "projector": "fp32", "decoder": "q4_0"},
+            "fp16",
+        )
     budget = deployment_table(c, variants, context_length=context)
     if gguf_file:
-        gguf = (f"`{gguf_file}` is the language decoder alone, written with the `gguf` package in llama.cpp's "
-                "`llama` layout (tokenizer and chat template included; checked by reading it back with "
-                "transformers). With llama.cpp built for CUDA on the Jetson "
-                "(`cmake -B build -DGGML_CUDA=ON && cmake --build build -j`):\n\n"
-                f"```bash\n./build/bin/llama-cli -m {gguf_file} -ngl 99 -cnv   # text chat, all layers on the GPU\n"
-                f"./build/bin/llama-quantize {gguf_file} decoder-q4_0.gguf Q4_0   # ~4.5 bits per weight\n```\n\n"
-                "It answers text questions only: llama.cpp takes images through a separate `mmproj` file, which "
-                "this bundle does not have (the ONNX image encoder plays that role for run.py).")
+        gguf = (
+            f"`{gguf_file}` is the language decoder alone, written with the `gguf` package in llama.cpp's "
+            "`llama` layout (tokenizer and chat template included; checked by reading it back with "
+            "transformers). With llama.cpp built for CUDA on the Jetson "
+            "(`cmake -B build -DGGML_CUDA=ON && cmake --build build -j`):\n\n"
+            f"```bash\n./build/bin/llama-cli -m {gguf_file} -ngl 99 -cnv   "
+            "# text chat, all layers on the GPU\n"
+            f"./build/bin/llama-quantize {gguf_file} decoder-q4_0.gguf Q4_0   # ~4.5 bits per weight\n```\n\n"
+            "It answers text questions only: llama.cpp takes images through a separate `mmproj` file, which "
+            "this bundle does not have (the ONNX image encoder plays that role for run.py)."
+        )
     else:
         gguf = "This bundle was built without a GGUF file (`--gguf`)."
     parity_text = ", ".join(f"{k} {v:.1e}" for k, v in parity.items()) + " max abs difference (fp32)"
     params = model.num_parameters
-    summary = (f"{params / 1e6:.1f}M parameters; {c.vision.image_size}px images -> {c.image_tokens_per_image} "
-               f"image tokens; decoder {c.decoder.num_layers} layers x {c.decoder.hidden_size} wide, context "
-               f"{c.decoder.max_position_embeddings}.")
+    summary = (
+        f"{params / 1e6:.1f}M parameters; {c.vision.image_size}px images -> {c.image_tokens_per_image} "
+        f"image tokens; decoder {c.decoder.num_layers} layers x {c.decoder.hidden_size} wide, context "
+        f"{c.decoder.max_position_embeddings}."
+    )
     text = (TEMPLATES / "README.md").read_text()
-    for key, value in {"NAME": name, "CREATED": datetime.date.today().isoformat(), "FILES": "\n".join(rows),
-                       "MODEL_SUMMARY": summary, "PARITY": parity_text, "GGUF": gguf, "CONTEXT": str(context),
-                       "BUDGET": budget}.items():
+    for key, value in {
+        "NAME": name,
+        "CREATED": datetime.date.today().isoformat(),
+        "FILES": "\n".join(rows),
+        "MODEL_SUMMARY": summary,
+        "PARITY": parity_text,
+        "GGUF": gguf,
+        "CONTEXT": str(context),
+        "BUDGET": budget,
+    }.items():
         text = text.replace("{{" + key + "}}", value)
     return text
 
 
-def build_bundle(model_dir_or_model, out_dir, int8: bool = False, gguf: bool = True, gguf_dtype: str = "f16",
-                 exporter: str = "torchscript", overwrite: bool = False, verify: bool = True) -> Path:
+def build_bundle(
+    model_dir_or_model,
+    out_dir,
+    int8: bool = False,
+    gguf: bool = True,
+    gguf_dtype: str = "f16",
+    exporter: str = "torchscript",
+    overwrite: bool = False,
+    verify: bool = True,
+    int8_scheme: str = "dynamic",
+) -> Path:
     """Export a trained VLM (a saved folder or a model) into a self-contained bundle folder; returns its path.
+
+    int8: also write int8 graphs, quantised with `int8_scheme` ("dynamic" or "weight_only", see quantize.py).
 
     verify: run the exported fp32 graphs against PyTorch on random inputs and refuse to write the bundle if
     the logits differ by more than PARITY_TOLERANCE (the figures go into bundle.json and README.md).
@@ -216,8 +289,12 @@ def build_bundle(model_dir_or_model, out_dir, int8: bool = False, gguf: bool = T
     from ..processing import VLMProcessor
 
     out_dir = Path(out_dir)
+    if int8_scheme not in INT8_BITS:
+        raise ValueError(f"int8_scheme must be one of {sorted(INT8_BITS)}, got {int8_scheme!r}")
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists: choose another --out or pass overwrite=True (--overwrite)")
+        raise FileExistsError(
+            f"{out_dir} already exists: choose another --out or pass overwrite=True (--overwrite)"
+        )
     model = load_model_for_export(model_dir_or_model)
     processor = VLMProcessor.from_config(model.config)
     model.config.image_token_id = processor.image_token_id
@@ -226,19 +303,28 @@ def build_bundle(model_dir_or_model, out_dir, int8: bool = False, gguf: bool = T
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-building-"))
     try:
         export_onnx(model, tmp, exporter=exporter)
-        files = {"image_encoder": IMAGE_ENCODER_FILE, "decoder": DECODER_FILE, "embed_tokens": EMBEDDINGS_FILE}
+        files = {
+            "image_encoder": IMAGE_ENCODER_FILE,
+            "decoder": DECODER_FILE,
+            "embed_tokens": EMBEDDINGS_FILE,
+        }
         parity = {}
         if verify:
             result = check_onnx_parity(model, tmp)
-            parity = {"image_embeds": result.image_embeds, "prefill_logits": result.prefill_logits,
-                      "decode_logits": result.decode_logits}
+            parity = {
+                "image_embeds": result.image_embeds,
+                "prefill_logits": result.prefill_logits,
+                "decode_logits": result.decode_logits,
+            }
             if max(parity.values()) > PARITY_TOLERANCE:
-                raise RuntimeError(f"the ONNX export differs from PyTorch by {max(parity.values()):.2e} "
-                                   f"(> {PARITY_TOLERANCE}): not writing a bundle; details {parity}")
+                raise RuntimeError(
+                    f"the ONNX export differs from PyTorch by {max(parity.values()):.2e} "
+                    f"(> {PARITY_TOLERANCE}): not writing a bundle; details {parity}"
+                )
         if int8:
             for key in ("image_encoder", "decoder"):
                 target = files[key].replace(".onnx", "_int8.onnx")
-                quantize_int8(tmp / files[key], tmp / target)
+                quantize_int8(tmp / files[key], tmp / target, scheme=int8_scheme)
                 files[f"{key}_int8"] = target
         processor.tokenizer.save_pretrained(tmp / "tokenizer")
         files["tokenizer"] = "tokenizer/tokenizer.json"
@@ -248,10 +334,12 @@ def build_bundle(model_dir_or_model, out_dir, int8: bool = False, gguf: bool = T
             export_gguf(model.decoder, processor.tokenizer, tmp / gguf_file, dtype=gguf_dtype)
             files["gguf"] = gguf_file
         model.config.save(tmp / "config.json")
-        (tmp / "bundle.json").write_text(json.dumps(_runtime_config(model, processor, files, parity), indent=2))
+        (tmp / "bundle.json").write_text(
+            json.dumps(_runtime_config(model, processor, files, parity, int8_scheme), indent=2)
+        )
         for script in ("run.py", "benchmark.py"):
             shutil.copy(TEMPLATES / script, tmp / script)
-        (tmp / "README.md").write_text(_readme(model, files, parity, gguf_file, out_dir.name))
+        (tmp / "README.md").write_text(_readme(model, files, parity, gguf_file, out_dir.name, int8_scheme))
         write_manifest(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)

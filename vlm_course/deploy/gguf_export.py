@@ -38,14 +38,17 @@ DTYPES = ("f32", "f16")
 
 
 def permute_for_llama_cpp(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Reorder each head's rows from (first half, second half) to interleaved pairs, as convert_hf_to_gguf does.
+    """Reorder each head's rows from (first half, second half) to interleaved pairs (convert_hf_to_gguf's).
 
     Row j of a head (j < d/2) is paired with row j + d/2 by rotate-half RoPE; after the permutation they sit
     at rows 2j and 2j + 1, where llama.cpp's rope expects a pair.
     """
     out_features = weight.shape[0]
-    return (weight.reshape(num_heads, 2, out_features // num_heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return (
+        weight.reshape(num_heads, 2, out_features // num_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def gguf_tensors(decoder: Decoder, dtype: str = "f32") -> dict[str, np.ndarray]:
@@ -59,13 +62,20 @@ def gguf_tensors(decoder: Decoder, dtype: str = "f32") -> dict[str, np.ndarray]:
     if not cfg.tie_word_embeddings:
         names["lm_head.weight"] = "output.weight"
     per_layer = {
-        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down",
     }
     for i in range(cfg.num_layers):
-        names.update({f"layers.{i}.{ours}.weight": f"blk.{i}.{theirs}.weight" for ours, theirs in per_layer.items()})
+        names.update(
+            {f"layers.{i}.{ours}.weight": f"blk.{i}.{theirs}.weight" for ours, theirs in per_layer.items()}
+        )
     tensors = {}
     for ours, theirs in names.items():
         weight = state[ours]
@@ -74,7 +84,9 @@ def gguf_tensors(decoder: Decoder, dtype: str = "f32") -> dict[str, np.ndarray]:
         elif theirs.endswith("attn_k.weight"):
             weight = permute_for_llama_cpp(weight, cfg.num_kv_heads)
         # llama.cpp keeps 1-D tensors (norm weights) in f32 whatever the file type.
-        tensors[theirs] = np.ascontiguousarray(weight.astype(matrix_dtype if weight.ndim == 2 else np.float32))
+        tensors[theirs] = np.ascontiguousarray(
+            weight.astype(matrix_dtype if weight.ndim == 2 else np.float32)
+        )
     return tensors
 
 
@@ -92,7 +104,9 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     if backend["model"]["type"] != "BPE":
-        raise ValueError(f"only byte-level BPE tokenizers are supported (SmolLM2's), got {backend['model']['type']}")
+        raise ValueError(
+            f"only byte-level BPE tokenizers are supported (SmolLM2's), got {backend['model']['type']}"
+        )
     by_id = {i: token for token, i in tokenizer.get_vocab().items()}
     special = {t["id"] for t in backend.get("added_tokens", []) if t.get("special")}
     added = {t["id"] for t in backend.get("added_tokens", [])}
@@ -103,20 +117,34 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
             types.append(gguf.TokenType.UNUSED)
             continue
         tokens.append(by_id[i])
-        types.append(gguf.TokenType.CONTROL if i in special else
-                     gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+        types.append(
+            gguf.TokenType.CONTROL
+            if i in special
+            else gguf.TokenType.USER_DEFINED
+            if i in added
+            else gguf.TokenType.NORMAL
+        )
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
-    ids = {name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, name)) if getattr(tokenizer, name) else None
-           for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    return {"tokens": tokens, "types": types, "merges": merges, "ids": ids,
-            "chat_template": getattr(tokenizer, "chat_template", None)}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(getattr(tokenizer, name)) if getattr(tokenizer, name) else None
+        for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+    }
+    return {
+        "tokens": tokens,
+        "types": types,
+        "merges": merges,
+        "ids": ids,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
 # Writing
 
 
-def export_gguf(decoder: Decoder, tokenizer, path, dtype: str = "f16", name: str = "vlm-course-decoder") -> Path:
+def export_gguf(
+    decoder: Decoder, tokenizer, path, dtype: str = "f16", name: str = "vlm-course-decoder"
+) -> Path:
     """Write `decoder` (+ its tokenizer and chat template) as a llama-architecture GGUF file, atomically."""
     import gguf
 
@@ -148,8 +176,12 @@ def export_gguf(decoder: Decoder, tokenizer, path, dtype: str = "f16", name: str
     writer.add_token_list(tok["tokens"])
     writer.add_token_types(tok["types"])
     writer.add_token_merges(tok["merges"])
-    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
-                     ("unk_token", writer.add_unk_token_id), ("pad_token", writer.add_pad_token_id)):
+    for key, add in (
+        ("bos_token", writer.add_bos_token_id),
+        ("eos_token", writer.add_eos_token_id),
+        ("unk_token", writer.add_unk_token_id),
+        ("pad_token", writer.add_pad_token_id),
+    ):
         if tok["ids"][key] is not None:
             add(tok["ids"][key])
     writer.add_add_bos_token(False)  # SmolLM2's chat template writes <|im_start|> itself
@@ -181,7 +213,9 @@ class GGUFRoundTrip:
     max_abs_logits: float  # transformers(GGUF) vs our decoder with the same (rounded) weights
     max_abs_vs_fp32: float  # transformers(GGUF) vs our fp32 decoder: includes the f16 rounding
     weights_equal: bool  # every tensor read back equals ours (after the file's rounding)
-    tokenizer_equal: bool | None  # the tokenizer read back encodes a probe text and chat prompt as ours (None: unchecked)
+    tokenizer_equal: (
+        bool | None
+    )  # the tokenizer read back encodes a probe text and chat prompt as ours (None: unchecked)
     logits_scale: float  # max |logit| of our model on the probe, to judge the differences against
 
 
@@ -194,32 +228,46 @@ def load_gguf_with_transformers(path):
 
 
 def tokenizer_round_trips(tokenizer, path, text: str) -> bool:
-    """Does the tokenizer transformers rebuilds from the GGUF metadata encode `text` and a chat prompt as ours?"""
+    """Does the tokenizer transformers rebuilds from the GGUF metadata encode text and chat prompt as ours?"""
     from transformers import AutoTokenizer
 
     path = Path(path)
     theirs = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     messages = [{"role": "user", "content": "What is in the picture?"}]
-    return (theirs(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
-            and theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    return theirs(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)[
+        "input_ids"
+    ] and theirs.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    ) == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 @torch.no_grad()
-def check_gguf_roundtrip(decoder: Decoder, tokenizer, path, dtype: str, check_tokenizer: bool = True,
-                         text: str = "The capital of France is Paris. 1 + 1 = 2.") -> GGUFRoundTrip:
+def check_gguf_roundtrip(
+    decoder: Decoder,
+    tokenizer,
+    path,
+    dtype: str,
+    check_tokenizer: bool = True,
+    text: str = "The capital of France is Paris. 1 + 1 = 2.",
+) -> GGUFRoundTrip:
     """Read the GGUF file back with transformers and compare weights, logits and tokenizer with ours."""
     from ..decoder import llama_name_map
 
     theirs = load_gguf_with_transformers(path)
     decoder = decoder.float().eval()
     rounded = Decoder(decoder.cfg).eval()  # ours with the weights rounded as the file stores them
-    rounded.load_state_dict({k: (v.half().float() if dtype == "f16" and v.dim() == 2 else v)
-                             for k, v in decoder.state_dict().items()})
+    rounded.load_state_dict(
+        {
+            k: (v.half().float() if dtype == "f16" and v.dim() == 2 else v)
+            for k, v in decoder.state_dict().items()
+        }
+    )
     their_state = theirs.state_dict()
     our_state = rounded.state_dict()
-    weights_equal = all(torch.equal(our_state[ours], their_state["model." + hf])
-                        for ours, hf in llama_name_map(decoder.cfg.num_layers).items())
+    weights_equal = all(
+        torch.equal(our_state[ours], their_state["model." + hf])
+        for ours, hf in llama_name_map(decoder.cfg.num_layers).items()
+    )
 
     tokenizer_equal = tokenizer_round_trips(tokenizer, path, text) if check_tokenizer else None
     input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
@@ -229,6 +277,7 @@ def check_gguf_roundtrip(decoder: Decoder, tokenizer, path, dtype: str, check_to
         dtype=dtype,
         max_abs_logits=float((their_logits - rounded(input_ids=input_ids).logits).abs().max()),
         max_abs_vs_fp32=float((their_logits - ours_fp32).abs().max()),
-        weights_equal=weights_equal, tokenizer_equal=tokenizer_equal,
+        weights_equal=weights_equal,
+        tokenizer_equal=tokenizer_equal,
         logits_scale=float(ours_fp32.abs().max()),
     )

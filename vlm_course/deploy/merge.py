@@ -42,6 +42,8 @@ def merge_lora_adapters(model: nn.Module) -> nn.Module:
     model = merge_lora(_unwrap_peft_model(model))
     if has_lora(model):
         leftover = [name for name, _ in model.named_parameters() if "lora_" in name]
-        raise RuntimeError(f"LoRA parameters survived the merge: {leftover[:3]} (a peft layer type other than "
-                           "LoRA on nn.Linear?); merge them with peft's merge_and_unload() before exporting")
+        raise RuntimeError(
+            f"LoRA parameters survived the merge: {leftover[:3]} (a peft layer type other than "
+            "LoRA on nn.Linear?); merge them with peft's merge_and_unload() before exporting"
+        )
     return model

@@ -34,7 +34,11 @@ from ..decoder import Decoder, KVCache
 
 IMAGE_ENCODER_FILE, DECODER_FILE, EMBEDDINGS_FILE = "image_encoder.onnx", "decoder.onnx", "embed_tokens.npy"
 OPSET = 18  # onnxruntime >= 1.16 runs it; TensorRT 8.6+ (JetPack 6) parses it
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +46,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "te
 
 
 class ImageEncoder(nn.Module):
-    """pixel_values -> image embeddings in the decoder's width: what `VisionLanguageModel.encode_images` does."""
+    """pixel_values -> image embeddings in the decoder's width (`VisionLanguageModel.encode_images`)."""
 
     def __init__(self, vision: nn.Module, projector: nn.Module):
         super().__init__()
@@ -107,16 +111,33 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_axes, d
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     with torch.no_grad(), warnings.catch_warnings():
-        # Shape checks in our modules turn into TracerWarnings ("treated as a constant"): the shapes they check
-        # (channels, image size, grid) are fixed by the config, so freezing them is what we want.
+        # Shape checks in our modules turn into TracerWarnings ("treated as a constant"): the shapes they
+        # check (channels, image size, grid) are fixed by the config, so freezing them is what we want.
         warnings.simplefilter("ignore")
         if exporter == "torchscript":
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                              dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                dynamo=False,
+            )
         else:
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
-                              dynamic_shapes=dynamic_shapes, opset_version=OPSET, dynamo=True, external_data=False,
-                              verbose=False)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
     return path
 
 
@@ -125,9 +146,14 @@ def export_image_encoder(model, path, exporter: str = "torchscript") -> Path:
     size = model.config.vision.image_size
     example = torch.randn(2, 3, size, size)  # batch 2: a batch of 1 could be specialised away
     return _export(
-        ImageEncoder(model.vision, model.projector), (example,), Path(path), ["pixel_values"], ["image_embeds"],
+        ImageEncoder(model.vision, model.projector),
+        (example,),
+        Path(path),
+        ["pixel_values"],
+        ["image_embeds"],
         dynamic_axes={"pixel_values": {0: "num_images"}, "image_embeds": {0: "num_images"}},
-        dynamic_shapes=({0: torch.export.Dim("num_images")},), exporter=exporter,
+        dynamic_shapes=({0: torch.export.Dim("num_images")},),
+        exporter=exporter,
     )
 
 
@@ -140,16 +166,35 @@ def export_decoder(decoder: Decoder, path, exporter: str = "torchscript") -> Pat
     inputs_embeds = torch.randn(batch, new, cfg.hidden_size, dtype=param.dtype)
     attention_mask = torch.ones(batch, past + new, dtype=torch.long)
     position_ids = torch.arange(past, past + new).expand(batch, new)
-    cache = [torch.randn(batch, cfg.num_kv_heads, past, cfg.head_dim, dtype=param.dtype) for _ in range(2 * n)]
+    cache = [
+        torch.randn(batch, cfg.num_kv_heads, past, cfg.head_dim, dtype=param.dtype) for _ in range(2 * n)
+    ]
     inputs, outputs = decoder_input_names(n), decoder_output_names(n)
-    axes = {"inputs_embeds": {0: "batch", 1: "new"}, "attention_mask": {0: "batch", 1: "total"},
-            "position_ids": {0: "batch", 1: "new"}, "logits": {0: "batch", 1: "new"}}
+    axes = {
+        "inputs_embeds": {0: "batch", 1: "new"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "position_ids": {0: "batch", 1: "new"},
+        "logits": {0: "batch", 1: "new"},
+    }
     axes.update({name: {0: "batch", 2: "past"} for name in inputs[3:]})
     axes.update({name: {0: "batch", 2: "total"} for name in outputs[1:]})
     b, t, p, total = (torch.export.Dim(s) for s in ("batch", "new", "past", "total"))
-    shapes = ({0: b, 1: t}, {0: b, 1: total}, {0: b, 1: t}, ({0: b, 2: p},) * (2 * n))  # *past: one tuple argument
-    return _export(DecoderWithCache(decoder), (inputs_embeds, attention_mask, position_ids, *cache), Path(path),
-                   inputs, outputs, axes, shapes, exporter)
+    shapes = (
+        {0: b, 1: t},
+        {0: b, 1: total},
+        {0: b, 1: t},
+        ({0: b, 2: p},) * (2 * n),
+    )  # *past: one tuple argument
+    return _export(
+        DecoderWithCache(decoder),
+        (inputs_embeds, attention_mask, position_ids, *cache),
+        Path(path),
+        inputs,
+        outputs,
+        axes,
+        shapes,
+        exporter,
+    )
 
 
 def export_embeddings(decoder: Decoder, path) -> Path:
@@ -176,7 +221,7 @@ def export_onnx(model, out_dir, exporter: str = "torchscript") -> dict[str, Path
 
 
 def make_session(path, provider: str = "cpu"):
-    """An onnxruntime session on the named provider ('cpu', 'cuda', 'tensorrt'), with a clear error if absent."""
+    """An onnxruntime session on the named provider ('cpu', 'cuda', 'tensorrt'); a clear error if absent."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -214,9 +259,10 @@ def _decoder_feeds(inputs_embeds, attention_mask, position_ids, past: list[torch
 
 
 @torch.no_grad()
-def check_onnx_parity(model, onnx_dir, prompt_len: int = 12, num_images: int = 2, seed: int = 0,
-                      provider: str = "cpu") -> OnnxParity:
-    """Run the exported graphs and the PyTorch model on the same random inputs; return the max abs differences.
+def check_onnx_parity(
+    model, onnx_dir, prompt_len: int = 12, num_images: int = 2, seed: int = 0, provider: str = "cpu"
+) -> OnnxParity:
+    """Run the exported graphs and the PyTorch model on the same random inputs; return max abs differences.
 
     The decoder is checked in both phases: a left-padded prefill of two rows (empty past), then one decode
     step fed the cache that onnxruntime returned.

@@ -72,16 +72,25 @@ def main(argv=None) -> int:
     parser.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS))
     parser.add_argument("--int8", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
-    parser.add_argument("--bandwidth-gbs", type=float, default=None,
-                        help="memory bandwidth for the roofline (default: measured with a numpy copy; on a Jetson "
-                             "the GPU sees up to 68 GB/s, 102 in Super mode)")
+    parser.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=None,
+        help="memory bandwidth for the roofline (default: measured with a numpy copy; on a Jetson "
+        "the GPU sees up to 68 GB/s, 102 in Super mode)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
     try:
-        runner = VLMRunner(Path(__file__).resolve().parent, provider=args.provider, int8=args.int8,
-                           check_hashes=False, threads=args.threads)
+        runner = VLMRunner(
+            Path(__file__).resolve().parent,
+            provider=args.provider,
+            int8=args.int8,
+            check_hashes=False,
+            threads=args.threads,
+        )
     except BundleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -96,9 +105,13 @@ def main(argv=None) -> int:
     median = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
     decoded = median["new_tokens"] - 1  # the first new token comes out of the prefill
     result = {
-        "provider": args.provider, "int8": args.int8, "load_s": load_s,
-        "prompt_tokens": median["prompt_tokens"], "new_tokens": median["new_tokens"],
-        "image_encode_ms": 1e3 * median["image_encode"], "prefill_ms": 1e3 * median["prefill"],
+        "provider": args.provider,
+        "int8": args.int8,
+        "load_s": load_s,
+        "prompt_tokens": median["prompt_tokens"],
+        "new_tokens": median["new_tokens"],
+        "image_encode_ms": 1e3 * median["image_encode"],
+        "prefill_ms": 1e3 * median["prefill"],
         "decode_tokens_per_s": decoded / median["decode"] if decoded > 0 else float("nan"),
         "total_ms": 1e3 * (median["image_encode"] + median["prefill"] + median["decode"]),
         "peak_rss_mb": peak_rss_mb(),
@@ -113,16 +126,24 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"bundle {runner.folder.name}: provider {args.provider}, {'int8' if args.int8 else 'fp32'}, "
-          f"median of {args.runs} runs after one warm-up")
+    print(
+        f"bundle {runner.folder.name}: provider {args.provider}, {'int8' if args.int8 else 'fp32'}, "
+        f"median of {args.runs} runs after one warm-up"
+    )
     print(f"  load              {result['load_s']:8.2f} s")
     print(f"  image encode      {result['image_encode_ms']:8.1f} ms")
     print(f"  prefill           {result['prefill_ms']:8.1f} ms  ({result['prompt_tokens']} prompt tokens)")
-    print(f"  decode            {result['decode_tokens_per_s']:8.1f} tokens/s  ({result['new_tokens']} new tokens)")
+    print(
+        f"  decode            {result['decode_tokens_per_s']:8.1f} tokens/s  "
+        f"({result['new_tokens']} new tokens)"
+    )
     print(f"  total latency     {result['total_ms']:8.1f} ms")
     print(f"  peak memory (RSS) {result['peak_rss_mb']:8.1f} MB")
-    print(f"  decode roofline   {result['roofline_tokens_per_s']:8.1f} tokens/s at {result['bandwidth_gb_s']:.1f} GB/s "
-          f"({step_bytes / 2**20:.0f} MB per token): measured is {result['measured_over_roofline']:.0%} of it")
+    print(
+        f"  decode roofline   {result['roofline_tokens_per_s']:8.1f} tokens/s "
+        f"at {result['bandwidth_gb_s']:.1f} GB/s "
+        f"({step_bytes / 2**20:.0f} MB per token): measured is {result['measured_over_roofline']:.0%} of it"
+    )
     return 0
 
 

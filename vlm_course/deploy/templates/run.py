@@ -29,7 +29,11 @@ from pathlib import Path
 import numpy as np
 
 BUNDLE_FORMAT = 1
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
 
 
 class BundleError(RuntimeError):
@@ -52,11 +56,15 @@ def verify_bundle(folder: Path, check_hashes: bool = True) -> dict:
     """Compare the folder with manifest.json; raise BundleError naming every missing or changed file."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
-        raise BundleError(f"{folder} has no manifest.json: it is not a complete bundle (rebuild it with "
-                          "`python -m vlm_course export --model CHECKPOINT --out BUNDLE`)")
+        raise BundleError(
+            f"{folder} has no manifest.json: it is not a complete bundle (rebuild it with "
+            "`python -m vlm_course export --model CHECKPOINT --out BUNDLE`)"
+        )
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"bundle format {manifest.get('format')} but this run.py reads format {BUNDLE_FORMAT}")
+        raise BundleError(
+            f"bundle format {manifest.get('format')} but this run.py reads format {BUNDLE_FORMAT}"
+        )
     missing, corrupt = [], []
     for name, entry in manifest["files"].items():
         path = folder / name
@@ -70,8 +78,10 @@ def verify_bundle(folder: Path, check_hashes: bool = True) -> dict:
             problems.append(f"the bundle is missing {', '.join(missing)}")
         if corrupt:
             problems.append(f"{', '.join(corrupt)} differ from manifest.json (corrupt or partly copied)")
-        raise BundleError("; ".join(problems) + f" in {folder}. Copy the whole bundle folder again "
-                          "(e.g. `rsync -a --checksum bundle/ jetson:bundle/`) or rebuild it.")
+        raise BundleError(
+            "; ".join(problems) + f" in {folder}. Copy the whole bundle folder again "
+            "(e.g. `rsync -a --checksum bundle/ jetson:bundle/`) or rebuild it."
+        )
     return manifest
 
 
@@ -126,7 +136,9 @@ def preprocess_image(image, size: int, mean, std) -> np.ndarray:
 class PromptBuilder:
     """SmolLM2's chat format, built piece by piece exactly as the training processor does."""
 
-    def __init__(self, tokenizer, system_prompt, image_token: str, image_token_id: int, tokens_per_image: int):
+    def __init__(
+        self, tokenizer, system_prompt, image_token: str, image_token_id: int, tokens_per_image: int
+    ):
         self.tokenizer, self.system_prompt = tokenizer, system_prompt
         self.image_token, self.image_block = image_token, [image_token_id] * tokens_per_image
 
@@ -142,7 +154,9 @@ class PromptBuilder:
         if len(parts) == 1:  # no <image> marker: images go first
             ids += self.image_block * num_images + self.text_ids(question)
         elif len(parts) - 1 != num_images:
-            raise ValueError(f"the question has {len(parts) - 1} {self.image_token} markers for {num_images} images")
+            raise ValueError(
+                f"the question has {len(parts) - 1} {self.image_token} markers for {num_images} images"
+            )
         else:
             ids += self.text_ids(parts[0])
             for part in parts[1:]:
@@ -155,10 +169,17 @@ class PromptBuilder:
 
 
 class VLMRunner:
-    """The exported model on onnxruntime: encode images, build the prompt, generate greedily with a KV cache."""
+    """The exported model on onnxruntime: encode images, build the prompt, greedy generation, KV cache."""
 
-    def __init__(self, folder, provider: str = "cpu", int8: bool = False, verify: bool = True,
-                 check_hashes: bool = True, threads: int | None = None):
+    def __init__(
+        self,
+        folder,
+        provider: str = "cpu",
+        int8: bool = False,
+        verify: bool = True,
+        check_hashes: bool = True,
+        threads: int | None = None,
+    ):
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
@@ -174,43 +195,53 @@ class VLMRunner:
             options.intra_op_num_threads = threads
         providers = onnx_providers(provider)
         suffix = "_int8" if int8 else ""
-        self.image_encoder = ort.InferenceSession(str(self.folder / files["image_encoder" + suffix]), options,
-                                                  providers=providers)
-        self.decoder = ort.InferenceSession(str(self.folder / files["decoder" + suffix]), options, providers=providers)
+        self.image_encoder = ort.InferenceSession(
+            str(self.folder / files["image_encoder" + suffix]), options, providers=providers
+        )
+        self.decoder = ort.InferenceSession(
+            str(self.folder / files["decoder" + suffix]), options, providers=providers
+        )
         # Memory-mapped: only the rows we look up are read from disk.
         self.embed_tokens = np.load(self.folder / files["embed_tokens"], mmap_mode="r")
         self.tokenizer = Tokenizer.from_file(str(self.folder / files["tokenizer"]))
         c = self.config
-        self.prompt = PromptBuilder(self.tokenizer, c["system_prompt"], c["image_token"], c["image_token_id"],
-                                    c["tokens_per_image"])
+        self.prompt = PromptBuilder(
+            self.tokenizer, c["system_prompt"], c["image_token"], c["image_token_id"], c["tokens_per_image"]
+        )
         self.past_names = [i.name for i in self.decoder.get_inputs() if i.name.startswith("past_")]
 
     # -- pieces -------------------------------------------------------------------------------
 
     def pixel_values(self, images) -> np.ndarray:
         c = self.config
-        return np.stack([preprocess_image(im, c["image_size"], c["image_mean"], c["image_std"]) for im in images])
+        return np.stack(
+            [preprocess_image(im, c["image_size"], c["image_mean"], c["image_std"]) for im in images]
+        )
 
     def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
         return self.image_encoder.run(None, {"pixel_values": pixel_values.astype(np.float32)})[0]
 
     def embed(self, ids: list[int], image_embeds: np.ndarray) -> np.ndarray:
-        """(1, T, D): token embeddings, with the image embeddings written over the <image> positions in order."""
+        """(1, T, D) token embeddings, the image embeddings written over the <image> positions in order."""
         ids = np.asarray(ids)
         is_image = ids == self.config["image_token_id"]
         features = image_embeds.reshape(-1, image_embeds.shape[-1])
         if int(is_image.sum()) != len(features):
-            raise ValueError(f"{int(is_image.sum())} image tokens in the prompt for {len(features)} image embeddings")
+            raise ValueError(
+                f"{int(is_image.sum())} image tokens in the prompt for {len(features)} image embeddings"
+            )
         embeds = np.array(self.embed_tokens[np.where(is_image, 0, ids)], dtype=np.float32)
         embeds[is_image] = features
         return embeds[None]
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         c = self.config
-        return {name: np.zeros((1, c["num_kv_heads"], 0, c["head_dim"]), np.float32) for name in self.past_names}
+        return {
+            name: np.zeros((1, c["num_kv_heads"], 0, c["head_dim"]), np.float32) for name in self.past_names
+        }
 
     def decoder_step(self, embeds: np.ndarray, past: dict, past_len: int):
-        """Run the decoder on `embeds` (1, T, D) after `past_len` cached tokens -> (last logits, new cache)."""
+        """The decoder on `embeds` (1, T, D) after `past_len` cached tokens -> (last logits, new cache)."""
         t = embeds.shape[1]
         feeds = {
             "inputs_embeds": embeds,
@@ -223,8 +254,14 @@ class VLMRunner:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def generate_ids(self, images, question: str, max_new_tokens: int = 32, ignore_eos: bool = False,
-                     timings: dict | None = None) -> list[int]:
+    def generate_ids(
+        self,
+        images,
+        question: str,
+        max_new_tokens: int = 32,
+        ignore_eos: bool = False,
+        timings: dict | None = None,
+    ) -> list[int]:
         """Greedy new token ids (eos included when reached). `timings` collects seconds per phase."""
         images = images if isinstance(images, (list, tuple)) else [images]
         clock = time.perf_counter()
@@ -232,8 +269,10 @@ class VLMRunner:
         ids = self.prompt(question, len(images))
         limit = self.config["max_position_embeddings"]
         if len(ids) + max_new_tokens > limit:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
-                             f"of {limit}: shorten the question or lower --max-new-tokens")
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                f"of {limit}: shorten the question or lower --max-new-tokens"
+            )
         encoded = time.perf_counter()
         logits, past = self.decoder_step(self.embed(ids, image_embeds), self.empty_cache(), 0)
         first = time.perf_counter()
@@ -247,8 +286,13 @@ class VLMRunner:
             logits, past = self.decoder_step(embeds, past, past_len)
             past_len += 1
         if timings is not None:
-            timings.update(image_encode=encoded - clock, prefill=first - encoded,
-                           decode=time.perf_counter() - first, prompt_tokens=len(ids), new_tokens=len(new_ids))
+            timings.update(
+                image_encode=encoded - clock,
+                prefill=first - encoded,
+                decode=time.perf_counter() - first,
+                prompt_tokens=len(ids),
+                new_tokens=len(new_ids),
+            )
         return new_ids
 
     def decode(self, ids: list[int]) -> str:
@@ -270,8 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--provider", default="cpu", choices=sorted(PROVIDERS))
     parser.add_argument("--int8", action="store_true", help="use the int8-quantised graphs (if bundled)")
     parser.add_argument("--bundle", default=str(Path(__file__).resolve().parent), help="bundle folder")
-    parser.add_argument("--no-hash-check", action="store_true",
-                        help="check file sizes only (hashing ~600 MB takes a few seconds on a Jetson)")
+    parser.add_argument(
+        "--no-hash-check",
+        action="store_true",
+        help="check file sizes only (hashing ~600 MB takes a few seconds on a Jetson)",
+    )
     parser.add_argument("--print-ids", action="store_true", help="also print the generated token ids as JSON")
     return parser
 
@@ -279,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        runner = VLMRunner(args.bundle, provider=args.provider, int8=args.int8,
-                           check_hashes=not args.no_hash_check)
+        runner = VLMRunner(
+            args.bundle, provider=args.provider, int8=args.int8, check_hashes=not args.no_hash_check
+        )
         ids = runner.generate_ids(args.image, args.question, args.max_new_tokens)
     except (BundleError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
