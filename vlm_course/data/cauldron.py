@@ -15,6 +15,10 @@ What it does after loading each subset:
            assistant string are skipped and counted in a LoadReport, never a crash.
 3. mix:    subsets are interleaved by mixing weights with a seeded sampler: the same seed gives the
            same sequence of rows, streaming or not.
+4. shard:  with `rank` / `world_size` (training on several processes), each subset is split across processes
+           with datasets.distributed.split_dataset_by_node after its seeded shuffle, before mixing: each process
+           reads only its part (whole parquet shards when their number divides world_size, else every
+           world_size-th row), no row reaches two processes, and every process mixes by the same weights.
 
 Clean rows look like {"images": [PIL RGB, ...], "texts": [{"user", "assistant", "source"}, ...],
 "source": subset}; several turns stay one conversation.
@@ -32,6 +36,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -157,7 +162,7 @@ def _clean_rows(dataset, subset: str, want_validation: bool | None, val_fraction
 # mixing
 
 
-def _interleave(streams: dict, weights: dict[str, float], seed: int, max_samples: int | None):
+def _interleave(streams: dict, weights: dict[str, float], seed, max_samples: int | None):
     """Pick the next subset at random by weight until max_samples rows or every subset runs out."""
     rng = np.random.default_rng(seed)
     active = [name for name in streams if weights[name] > 0]
@@ -178,16 +183,19 @@ class CauldronStream:
     """A re-iterable stream of clean rows; `report` describes the latest (or current) pass."""
 
     def __init__(self, sources: dict, weights: dict[str, float], seed: int, max_samples: int | None,
-                 want_validation: bool | None, val_fraction: float, verbose: bool):
+                 want_validation: bool | None, val_fraction: float, verbose: bool, rank: int = 0, world_size: int = 1):
         self.sources, self.weights, self.seed, self.max_samples = sources, weights, seed, max_samples
         self.want_validation, self.val_fraction, self.verbose = want_validation, val_fraction, verbose
+        self.rank, self.world_size = rank, world_size  # this process's split (the Trainer checks it)
         self.report = LoadReport()
 
     def __iter__(self):
         report = self.report = LoadReport()
         streams = {name: _clean_rows(ds, name, self.want_validation, self.val_fraction, report)
                    for name, ds in self.sources.items()}
-        yield from _interleave(streams, self.weights, self.seed, self.max_samples)
+        # Each process draws its own subset sequence (same weights), so a global batch is not W copies of one mix.
+        seed = self.seed if self.world_size == 1 else [self.seed, self.rank]
+        yield from _interleave(streams, self.weights, seed, self.max_samples)
         _announce(report, self.verbose)
 
 
@@ -277,7 +285,7 @@ def _undecoded_rows(dataset):
 
 def load_cauldron(subsets, weights=None, max_samples: int | None = None, streaming: bool = False, seed: int = 0,
                   val_fraction: float = 0.0, split: str = "train", data_dir=None, shuffle: bool = True,
-                  shuffle_buffer: int = 1000, verbose: bool = True):
+                  shuffle_buffer: int = 1000, verbose: bool = True, rank: int = 0, world_size: int = 1):
     """Load, split, clean and mix the_cauldron subsets.
 
     subsets:      config names (["vsr", "ai2d"]) or a dict of mixing weights ({"vsr": 2, "ai2d": 1})
@@ -289,6 +297,9 @@ def load_cauldron(subsets, weights=None, max_samples: int | None = None, streami
                   (other splits, e.g. a local "test", are read whole)
     split:        "train", "validation", or another split present in data_dir (e.g. "test")
     data_dir:     read local parquet {data_dir}/{subset}/{split}*.parquet instead of the hub
+    rank, world_size: this process's part when training on world_size processes (DistContext.rank/world_size):
+                  disjoint rows per process, each mixed by the same weights; max_samples is the total over all
+                  processes. Deterministic for (seed, rank, world_size).
 
     Returns a CauldronRows list (streaming=False) or a CauldronStream; both have `.report`.
     Without streaming every selected image is decoded into memory: use max_samples or streaming for
@@ -299,6 +310,10 @@ def load_cauldron(subsets, weights=None, max_samples: int | None = None, streami
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if max_samples is not None and max_samples < 0:
         raise ValueError(f"max_samples must be >= 0 or None, got {max_samples}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
+    if max_samples is not None and world_size > 1:  # this process's share of the total
+        max_samples = max_samples // world_size + (rank < max_samples % world_size)
     want_validation = None  # None: take every row of the file split
     file_split = split
     if split in VALIDATION_SPLITS:
@@ -313,8 +328,11 @@ def load_cauldron(subsets, weights=None, max_samples: int | None = None, streami
         dataset = _load_subset(name, file_split, streaming, data_dir)
         if shuffle:
             dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer) if streaming else dataset.shuffle(seed=seed)
+        if world_size > 1:
+            # After the seeded shuffle, as datasets asks: every process shuffles identically, then keeps its part.
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
         sources[name] = dataset
-    stream = CauldronStream(sources, mix, seed, max_samples, want_validation, val_fraction, verbose)
+    stream = CauldronStream(sources, mix, seed, max_samples, want_validation, val_fraction, verbose, rank, world_size)
     if streaming:
         return stream
     rows = CauldronRows(stream)
