@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from vlm_course.data.collate import VLMCollator
+from vlm_course.distributed import STRATEGIES, DistContext
 from vlm_course.processing import IGNORE_INDEX
 
 DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -90,11 +91,14 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/default"
     progress: bool = True  # tqdm bar
+    strategy: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (sharded weights); see distributed.py
 
     def __post_init__(self):
         for component, modes in RECIPES.items():
             if getattr(self, component) not in modes:
                 raise ValueError(f"{component}={getattr(self, component)!r}: choose one of {modes}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         for name in ("batch_size", "max_steps", "grad_accum_steps", "lora_r", "keep_checkpoints"):
@@ -508,11 +512,12 @@ def frozen_fingerprint(model) -> list[float]:
 
 
 def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, trainer_state: dict,
-                    keep: int = 1) -> Path:
+                    keep: int = 1, weights: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write a checkpoint atomically: a temporary folder, fsync, then os.replace to checkpoint-<step>.
 
     A crash before the rename leaves only a `.tmp-` folder (ignored, removed by the next save): the previous
     checkpoint stays intact. Older checkpoints are deleted only after the new one is in place.
+    weights / optimizer_state: already gathered (FSDP shards, see distributed.py) instead of read from the model.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -521,8 +526,10 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, trainer_
     final = output_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".tmp-{CHECKPOINT_PREFIX}{step:06d}-"))
     try:
-        save_file(trainable_state(model), tmp / "trainable.safetensors", metadata={"step": str(step)})
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        weights = trainable_state(model) if weights is None else weights
+        optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        save_file(weights, tmp / "trainable.safetensors", metadata={"step": str(step)})
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         with open(tmp / "trainer_state.json", "w") as f:  # written last: it marks a complete checkpoint
             json.dump(dict(trainer_state, step=step), f)
@@ -540,8 +547,9 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, trainer_
     return final
 
 
-def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
-    """Restore trainable weights (+ optimiser, scheduler, RNG when given); returns the trainer state."""
+def load_checkpoint(path, model, optimizer=None, scheduler=None, distributed: DistContext | None = None) -> dict:
+    """Restore trainable weights (+ optimiser, scheduler, RNG when given); returns the trainer state.
+    Checkpoints hold full tensors whatever wrote them; under FSDP each process keeps its shards of them."""
     path = Path(path)
     if not (path / "trainer_state.json").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
@@ -554,14 +562,18 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
         missing, extra = sorted(wanted - set(weights)), sorted(set(weights) - wanted)
         raise ValueError(f"checkpoint {path} does not match the model's trainable parameters (missing {missing[:3]}, "
                          f"unexpected {extra[:3]}): apply the same recipe (TrainConfig) as the run that saved it")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    if optimizer is not None:
-        extra = torch.load(path / "optimizer.pt", weights_only=True)
-        optimizer.load_state_dict(extra["optimizer"])
+    saved = torch.load(path / "optimizer.pt", weights_only=True) if optimizer is not None else None
+    optimizer_state = saved["optimizer"] if saved else None
+    # FSDP loads the full tensors into each process's shards; otherwise copy them in place.
+    if distributed is None or not distributed.load_checkpoint_state(weights, optimizer_state, optimizer):
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        if optimizer is not None:
+            optimizer.load_state_dict(optimizer_state)
+    if saved is not None:
         if scheduler is not None:
-            scheduler.load_state_dict(extra["scheduler"])
+            scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     return state
 
@@ -571,7 +583,10 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None) -> dict:
 
 
 def check_processor(model, processor) -> None:
-    """The model must know the processor's <image> id (a processor built from another config copy sets it)."""
+    """The model must know the processor's <image> id (a processor built from another config copy sets it).
+    processor may be None when the Trainer gets a ready collator."""
+    if processor is None:
+        return
     if model.config.image_token_id is None:
         model.config.image_token_id = processor.image_token_id
     elif model.config.image_token_id != processor.image_token_id:
@@ -584,19 +599,28 @@ class Trainer:
 
     eval_fn(model, step) -> dict of metrics, called (in eval mode, without gradients) every cfg.eval_every
     steps and at the end; its results go into history["eval"].
+
+    Under torchrun (see distributed.py) the same code trains on every process: the loss goes through DDP/FSDP,
+    each process reads its own slice of every global batch, and only rank 0 writes. train_rows is a list (shuffled
+    and sharded here) or a stream already split per process (load_cauldron(streaming=True, rank=, world_size=)).
     """
 
-    def __init__(self, model, processor, train_rows, cfg: TrainConfig, eval_fn=None, collator=None):
+    def __init__(self, model, processor, train_rows, cfg: TrainConfig, eval_fn=None, collator=None,
+                 distributed: DistContext | None = None):
         self.model, self.processor, self.rows, self.cfg, self.eval_fn = model, processor, train_rows, cfg, eval_fn
+        self.dist = distributed or DistContext.from_env(cfg.strategy)  # one process unless launched by torchrun
         check_processor(model, processor)
+        self.dist.place(model)
         set_seed(cfg.seed)  # LoRA initialisation and dropout draw from the global RNG
         self.trainable = apply_recipe(model, cfg)
         self.device = next(model.parameters()).device
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.collator = collator or VLMCollator(processor, cfg.max_length, cfg.truncation)
+        self.fingerprint = frozen_fingerprint(model)  # frozen weights never change; FSDP would shard them later
+        self.loss_module = self.dist.wrap(model, answer_loss_sum)  # DDP/FSDP sync gradients inside backward()
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.sampler = SeededSampler(len(train_rows), cfg.seed)
+        self.sampler = self.dist.row_source(train_rows, cfg.seed)  # this process's rows
         self.step = 0
         self.history: dict[str, list] = {"train": [], "eval": []}
         self.output_dir = Path(cfg.output_dir)
@@ -605,19 +629,28 @@ class Trainer:
 
     def state(self) -> dict:
         return {"history": self.history, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict(),
-                "frozen_fingerprint": frozen_fingerprint(self.model)}
+                "frozen_fingerprint": self.fingerprint, "world_size": self.dist.world_size}
 
     def save(self) -> Path:
-        return save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.scheduler,
-                               self.state(), keep=self.cfg.keep_checkpoints)
+        """Rank 0 writes the checkpoint (atomically); the other processes wait until it is in place."""
+        gathered = self.dist.checkpoint_state(self.model, self.optimizer)  # FSDP: collective gather to rank 0
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        if self.dist.is_main:
+            weights, optimizer_state = gathered or (None, None)
+            final = save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.scheduler,
+                                    self.state(), keep=self.cfg.keep_checkpoints, weights=weights,
+                                    optimizer_state=optimizer_state)
+        self.dist.barrier()
+        return final
 
     def resume(self, path=None) -> bool:
         """Continue from `path` or the latest checkpoint in output_dir; False when there is none."""
         path = Path(path) if path else latest_checkpoint(self.output_dir)
         if path is None:
             return False
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        if not np.allclose(state["frozen_fingerprint"], frozen_fingerprint(self.model), rtol=1e-9, atol=1e-6):
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, distributed=self.dist)
+        self.dist.check_resume(state, self.cfg)
+        if not np.allclose(state["frozen_fingerprint"], self.fingerprint, rtol=1e-9, atol=1e-6):
             raise ValueError(f"the frozen weights differ from those of the run that saved {path}: build the model "
                              "the same way (same profile, same seed for random initialisation) before resuming")
         self.step, self.history = state["step"], state["history"]
@@ -629,8 +662,7 @@ class Trainer:
     def next_micro_batches(self) -> list[dict]:
         batches = []
         for _ in range(self.cfg.grad_accum_steps):
-            rows = [self.rows[i] for i in self.sampler.take(self.cfg.batch_size)]
-            batch = self.collator(rows)
+            batch = self.collator(self.sampler.next_rows(self.cfg.batch_size))
             batches.append({k: v.to(self.device) for k, v in batch.items()})
         return batches
 
@@ -638,18 +670,22 @@ class Trainer:
         """One optimiser step over grad_accum_steps micro-batches; returns its log record."""
         start = time.perf_counter()
         self.model.train()
+        self.dist.reseed(self.cfg.seed, self.step)
         batches = self.next_micro_batches()
-        answer_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        local_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        answer_tokens = int(self.dist.sum(local_tokens)[0])  # over all processes
         if answer_tokens == 0:
             raise ValueError("this step's batches have no answer tokens: check the labels (processor) and data")
         total = 0.0
-        for batch in batches:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                loss_sum, _ = answer_loss_sum(self.model, batch, self.cfg.neftune_alpha)
-            # Divide by the answer tokens of the WHOLE step: accumulation then equals one big batch.
-            (loss_sum / answer_tokens).backward()
+        for i, batch in enumerate(batches):
+            with self.dist.no_sync(sync=i == len(batches) - 1), torch.autocast(
+                    self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                loss_sum, _ = self.loss_module(batch, self.cfg.neftune_alpha)
+            # Divide by the answer tokens of the WHOLE step (all micro-batches, all processes): accumulation then
+            # equals one big batch. DDP averages gradients over processes, so multiply by their number.
+            (loss_sum * (self.dist.world_size / answer_tokens)).backward()
             total += loss_sum.item()
+        total, tokens = self.dist.sum(total, sum(int(b["attention_mask"].sum()) for b in batches))
         loss = total / answer_tokens
         if not math.isfinite(loss):
             raise FloatingPointError(
@@ -657,15 +693,15 @@ class Trainer:
                 "(warmup_fraction), or use precision='fp32' to rule out bf16 overflow")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         seconds = time.perf_counter() - start
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        record = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lrs, "tokens": tokens,
+        record = {"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": lrs, "tokens": int(tokens),
                   "answer_tokens": answer_tokens, "seconds": seconds}
         self.history["train"].append(record)
         return record
@@ -674,7 +710,7 @@ class Trainer:
         if self.eval_fn is None:
             return None
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.dist.unsharded():  # every process evaluates (FSDP needs them all)
             metrics = self.eval_fn(self.model, self.step) or {}
         self.model.train()
         self.history["eval"].append({"step": self.step, **metrics})
@@ -686,7 +722,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not (cfg.progress and self.dist.is_main),
+                   dynamic_ncols=True)
         last_eval = last_save = None
         while self.step < cfg.max_steps:
             record = self.train_step()
@@ -695,7 +732,7 @@ class Trainer:
                             tok_s=f"{record['tokens'] / record['seconds']:.0f}")
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 metrics, last_eval = self.evaluate(), self.step
-                if metrics:
+                if metrics and self.dist.is_main:
                     bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
@@ -704,9 +741,11 @@ class Trainer:
         if self.eval_fn is not None and last_eval != self.step:
             self.evaluate()
         latest = latest_checkpoint(self.output_dir)
-        if last_save != self.step and (latest is None or latest.name != f"{CHECKPOINT_PREFIX}{self.step:06d}"):
+        unsaved = last_save != self.step and (latest is None or latest.name != f"{CHECKPOINT_PREFIX}{self.step:06d}")
+        if self.dist.sum(float(unsaved))[0] > 0:  # decided together: saving is collective (barrier, FSDP gather)
             self.save()
-        self.write_curve()
+        if self.dist.is_main:
+            self.write_curve()
         return self.history
 
     def write_curve(self) -> Path:
@@ -823,22 +862,31 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncation", choices=("drop", "shorten_prompt"), default=d.truncation)
     p.add_argument("--use-dora", action="store_true")
     p.add_argument("--no-double-quant", action="store_true")
+    p.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
+                   help="under torchrun: ddp (a replica per process) or fsdp (weights sharded over processes)")
+    p.add_argument("--streaming", action="store_true",
+                   help="stream the_cauldron (or a folder) instead of loading it, split across processes")
     return p
 
 
-def _load_rows(args, split: str, limit: int | None):
+def _load_rows(args, split: str, limit: int | None, dist: DistContext | None = None):
+    """Rows for the CLI. With --streaming and a DistContext: this process's split of the train stream."""
     from vlm_course.data.cauldron import load_cauldron, load_mini_cauldron
 
+    verbose = dist is None or dist.is_main
     subsets = args.subsets.split(",") if args.subsets else None
     if args.data == "mini-cauldron":
-        return load_mini_cauldron(split, subsets=subsets, max_per_subset=limit)
+        if args.streaming:
+            raise SystemExit("--streaming is for --data the_cauldron or a folder; the mini-cauldron is loaded whole")
+        return load_mini_cauldron(split, subsets=subsets, max_per_subset=limit, verbose=verbose)
     if not subsets:
         raise SystemExit("--subsets is required with --data the_cauldron or a folder, e.g. --subsets vsr,ai2d")
     data_dir = None if args.data == "the_cauldron" else args.data
+    common = dict(max_samples=limit, data_dir=data_dir, streaming=args.streaming, seed=args.seed, verbose=verbose)
     if split == "test" and data_dir is None:  # the hub has only train: hold out a deterministic 2%
-        return load_cauldron(subsets, max_samples=limit, split="validation", val_fraction=0.02)
-    return load_cauldron(subsets, max_samples=limit, split=split, data_dir=data_dir,
-                         val_fraction=0.02 if data_dir is None else 0.0)
+        return load_cauldron(subsets, split="validation", val_fraction=0.02, **common)
+    shard = dict(rank=dist.rank, world_size=dist.world_size) if args.streaming and dist and split == "train" else {}
+    return load_cauldron(subsets, split=split, val_fraction=0.02 if data_dir is None else 0.0, **common, **shard)
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -849,38 +897,46 @@ def train_main(argv: list[str] | None = None) -> int:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, output_dir=args.output,
                       double_quant=not args.no_double_quant)
-    set_seed(cfg.seed)  # random-init profiles (tiny) must build the same weights when resuming
+    dist = DistContext.from_env(cfg.strategy)  # before any .cuda(): picks this process's GPU under torchrun
+    say = print if dist.is_main else (lambda *a, **k: None)  # only rank 0 talks
+    set_seed(cfg.seed)  # random-init profiles (tiny) must build the same weights when resuming (and everywhere)
     model = VisionLanguageModel.from_profile(args.profile)
     if torch.cuda.is_available():
         model.cuda()
     processor = VLMProcessor.from_config(model.config, system_prompt=args.system_prompt)
-    rows = _load_rows(args, "train", args.max_per_subset)
+    rows = _load_rows(args, "train", args.max_per_subset, dist)
     eval_fn = None
     if args.eval_rows:
         try:
-            held_out = _load_rows(args, "test", None)
+            held_out = list(_load_rows(args, "test", args.eval_rows if args.streaming else None, dist))
         except FileNotFoundError as err:
-            print(f"no held-out split ({err}); training without eval")
+            say(f"no held-out split ({err}); training without eval")
         else:
             held_out = [held_out[i] for i in np.linspace(0, len(held_out) - 1, min(args.eval_rows, len(held_out)),
                                                           dtype=int)]
             eval_fn = make_loss_eval(VLMCollator(processor, cfg.max_length, "drop"), held_out, cfg.batch_size,
                                      cfg.precision)
-    trainer = Trainer(model, processor, rows, cfg, eval_fn=eval_fn)
+    trainer = Trainer(model, processor, rows, cfg, eval_fn=eval_fn, distributed=dist)
     if args.resume and trainer.resume():
-        print(f"resumed at step {trainer.step} from {latest_checkpoint(cfg.output_dir)}")
-    print(f"trainable parameters: {trainer.trainable}")
+        say(f"resumed at step {trainer.step} from {latest_checkpoint(cfg.output_dir)}")
+    say(f"trainable parameters: {trainer.trainable}" + (f"; {dist.world_size} processes ({cfg.strategy})"
+                                                          if dist.enabled else ""))
     history = trainer.fit()
-    print(trainer.collator.summary())
+    say(trainer.collator.summary())
     output = Path(cfg.output_dir)
-    with open(output / "train_config.json", "w") as f:
-        json.dump({"train": cfg.to_dict(), "profile": args.profile, "system_prompt": args.system_prompt}, f, indent=2)
-    if not args.no_save_model:
-        merge_lora(model).save_pretrained(output / "model")
+    export = None if args.no_save_model else dist.full_model(trainer, apply_recipe)  # FSDP: collective gather
+    if dist.is_main:
+        with open(output / "train_config.json", "w") as f:
+            json.dump({"train": cfg.to_dict(), "profile": args.profile, "system_prompt": args.system_prompt,
+                       "world_size": dist.world_size}, f, indent=2)
+        if export is not None:
+            merge_lora(export).save_pretrained(output / "model")
+    dist.barrier()
+    dist.close()
     losses = [r["loss"] for r in history["train"]]
     last_eval = history["eval"][-1] if history["eval"] else {}
     line = f"done: step {trainer.step}, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
     if "eval_loss" in last_eval:
         line += f", eval_loss {last_eval['eval_loss']:.3f}"
-    print(f"{line}; curve {output / 'loss_curve.png'}; checkpoint {latest_checkpoint(output)}")
+    say(f"{line}; curve {output / 'loss_curve.png'}; checkpoint {latest_checkpoint(output)}")
     return 0
