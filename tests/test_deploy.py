@@ -499,6 +499,9 @@ def test_bundle_missing_or_corrupt_file_is_named(bundle, tmp_path):
     (copy / "manifest.json").unlink()
     assert "no manifest.json" in _run(copy, image).stderr
 
+    result = _run(bundle, tmp_path / "no-such-image.png")
+    assert result.returncode == 2 and "could not read the image" in result.stderr
+
 
 def test_export_refuses_bad_checkpoints(saved_model, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="not a folder"):

@@ -209,6 +209,8 @@ class VLMRunner:
             self.tokenizer, c["system_prompt"], c["image_token"], c["image_token_id"], c["tokens_per_image"]
         )
         self.past_names = [i.name for i in self.decoder.get_inputs() if i.name.startswith("past_")]
+        # present_key_3 comes back as the next call's past_key_3: pair them by name, not by position
+        self.next_past_names = [o.name.replace("present_", "past_") for o in self.decoder.get_outputs()[1:]]
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -250,7 +252,7 @@ class VLMRunner:
             **past,
         }
         logits, *present = self.decoder.run(None, feeds)
-        return logits[:, -1], dict(zip(self.past_names, present))
+        return logits[:, -1], dict(zip(self.next_past_names, present))
 
     # -- generation ---------------------------------------------------------------------------
 
