@@ -333,11 +333,11 @@ def plot_rope_tables(cos: torch.Tensor, theta: float | None = None, show: bool =
     t, d = table.shape
     fig, ax = plt.subplots(figsize=(8, 3.8))
     image = ax.imshow(table.numpy(), aspect="auto", cmap="RdBu", vmin=-1, vmax=1, interpolation="nearest")
-    ax.axvline(d / 2 - 0.5, color="black", lw=1.5, ls="--")
+    ax.axvline(d / 2 - 0.5, color="black", lw=2.5, ls="--")
     ax.set_xlabel(f"dimension (0..{d - 1}); dashed line: start of the second half, paired with the first")
     ax.set_ylabel("position")
     ax.set_title(f"cos(position x frequency), head_dim {d}" + (f", theta {theta:g}" if theta else "") +
-                 ": fast pairs on the left, slow on the right")
+                 "\nfast pairs on the left, slow on the right; the two halves are equal", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.03)
     return _finish(fig, show)
 
@@ -386,7 +386,7 @@ def plot_causal_gqa(num_heads: int, num_kv_heads: int, q_len: int, kv_len: int |
     right.set_xlim(-0.2, num_heads + 0.1)
     right.set_ylim(-0.1, 1.9)
     right.axis("off")
-    right.set_title(f"{num_heads} query heads share {num_kv_heads} KV heads: groups of {group} (repeat_interleave)")
+    right.set_title(f"{num_heads} query heads share {num_kv_heads} KV heads\n(groups of {group}: repeat_interleave)")
     return _finish(fig, show)
 
 
