@@ -157,7 +157,7 @@ UNIFORM_LEVELS = torch.linspace(-1, 1, 16)
 
 @functools.lru_cache(maxsize=1)
 def nf4_levels() -> torch.Tensor:
-    """The 16 NF4 levels, as bitsandbytes stores them (QLoRA paper, appendix E)."""
+    """The 16 NF4 levels, as bitsandbytes stores them (the QLoRA paper's NormalFloat4)."""
     import bitsandbytes.functional as bnbf
 
     return bnbf.get_4bit_type("nf4", device="cpu").float().clone()
