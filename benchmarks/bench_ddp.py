@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     print(f"2 processes vs 1 process x 1 thread : {ddp / results['1 process x 1 thread']:.2f}x samples/s "
           "(ideal 2.00 with 2 free cores)")
     print(f"2 processes vs 1 process x 2 threads: {ddp / results['1 process x 2 threads']:.2f}x samples/s")
+    if results["1 process x 2 threads"] < results["1 process x 1 thread"]:
+        print("note: 2 threads were slower than 1: each op waits for both of its threads (OpenMP), so on busy cores "
+              "a descheduled thread stalls the whole process; separate processes do not wait on each other per op.")
     print(f"caveat: the {os.cpu_count()} cores are shared with other jobs (load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after) and, in the 2-process run, with each other: read the ratios as "
           "'DDP runs and overlaps correctly', not as a GPU scaling prediction.")

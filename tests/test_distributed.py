@@ -12,8 +12,10 @@ The tests then compare those with ONE process on the combined batch, in the pyte
     qlora  NF4 base + LoRA under DDP: the LoRA gradients match one process, the 4-bit weights stay identical.
     fsdp   strategy="fsdp" (FSDP2 fully_shard, gloo): gradients match one process; its checkpoint (gathered
            to full tensors) resumes in 1 process; evaluation runs on the sharded model.
-    cli    `python -m vlm_course train --streaming` on a local copy of the mini-cauldron: each process streams
-           its own split of the data (split_dataset_by_node), rank 0 alone writes the curve and the model.
+    resume the step-2 checkpoints of ddp and fsdp, resumed in 2 processes: the same losses as without a stop.
+    cli    `python -m vlm_course train --streaming --strategy fsdp` on a local copy of the mini-cauldron: each
+           process streams its own split of the data (split_dataset_by_node), rank 0 alone writes the curve and
+           the merged model (gathered from the FSDP shards).
 
 Everything is small (tiny model, 16 in-memory rows, <= 4 steps) to stay quick on 2 shared cores.
 """
@@ -141,10 +143,17 @@ def worker(out: Path, data_dir: Path) -> None:
                    out / f"{scenario}-rank{rank}.pt")
         dist.barrier()
 
+    # Resume each 2-process checkpoint of step 2 in 2 processes again (FSDP: full tensors back into shards).
+    for scenario in ("ddp", "fsdp"):
+        trainer = training.Trainer(tiny_model(), proc, rows, config(out / f"resume-{scenario}", scenario))
+        trainer.resume(out / scenario / "checkpoint-000002")
+        losses = [r["loss"] for r in trainer.fit()["train"]]
+        torch.save({"losses": losses}, out / f"resume-{scenario}-rank{rank}.pt")
+
     # The CLI, streaming its own split of a local the_cauldron-style folder in each process.
     quick_streams()
     cli_out = out / "cli"
-    argv = ["--profile", "tiny", "--data", str(data_dir), "--subsets", "shapes,count", "--streaming",
+    argv = ["--profile", "tiny", "--data", str(data_dir), "--subsets", "shapes,count", "--streaming", "--strategy", "fsdp",
             "--max-per-subset", "24", "--batch-size", "2", "--max-steps", "3", "--eval-rows", "0",
             "--precision", "fp32", "--output", str(cli_out)]
     seen, row_source = [], DistContext.row_source
@@ -273,9 +282,13 @@ def test_each_process_reads_its_own_rows(two_process_run):
 def test_only_rank_0_writes(two_process_run):
     writes = [json.loads((two_process_run / f"cli-rank{r}.json").read_text())["writes"] for r in (0, 1)]
     assert writes[1] == []
-    assert writes[0].count("curve") == 4 and "checkpoint" in writes[0]
+    assert writes[0].count("curve") == 6 and "checkpoint" in writes[0]
     cli = two_process_run / "cli"
-    assert (cli / "loss_curve.png").exists() and (cli / "model").is_dir()
+    assert (cli / "loss_curve.png").exists()
+    from vlm_course.vlm import VisionLanguageModel
+
+    merged = VisionLanguageModel.from_pretrained(cli / "model")  # gathered from the FSDP shards, LoRA merged
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
     assert json.loads((cli / "train_config.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in cli.iterdir() if p.name.startswith(".tmp")) == []  # no half-written checkpoint
 
@@ -314,6 +327,16 @@ def test_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_path
     assert losses[2:] == pytest.approx(rank0["losses"][2:], rel=1e-5)
     for name, p in trainer.model.named_parameters():
         torch.testing.assert_close(p.detach(), rank0["final"][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("scenario", ["ddp", "fsdp"])
+def test_two_process_checkpoint_resumes_in_two_processes(two_process_run, scenario):
+    """Interrupted at step 2 and resumed on 2 processes: steps 3-4 as in the uninterrupted run (rel 1e-6)."""
+    rank0, _ = load_run(two_process_run, scenario)
+    for rank in (0, 1):
+        resumed = torch.load(two_process_run / f"resume-{scenario}-rank{rank}.pt", weights_only=True)["losses"]
+        assert resumed[:2] == rank0["losses"][:2]
+        assert resumed[2:] == pytest.approx(rank0["losses"][2:], rel=1e-6)
 
 
 def test_resume_with_another_global_batch_says_what_to_do(two_process_run, tmp_path):
