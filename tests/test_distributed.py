@@ -428,6 +428,23 @@ def test_cauldron_split_by_node_is_disjoint_complete_deterministic_and_keeps_the
         assert len(head) == 16 and 0.55 <= head.count("shapes") / 16 <= 0.95, head
 
 
+@pytest.mark.parametrize("vision,decoder", [("lora", "qlora"), ("frozen", "lora"), ("lora", "frozen"),
+                                            ("full", "full")])
+def test_every_trainable_parameter_gets_a_gradient_so_ddp_needs_no_unused_parameter_search(tmp_path, vision,
+                                                                                          decoder):
+    """DDP runs with find_unused_parameters=False (no graph walk each step): that is only right if every
+    trainable parameter of every recipe receives a gradient in every step (else DDP waits for it forever)."""
+    from vlm_course.training import Trainer
+
+    cfg = config(tmp_path, "ddp", vision=vision, decoder=decoder, max_steps=1)
+    trainer = Trainer(tiny_model(), processor(), make_rows(), cfg)
+    missing = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: missing.extend(
+        n for n, p in trainer.model.named_parameters() if p.requires_grad and p.grad is None))
+    trainer.train_step()
+    assert missing == []
+
+
 def test_fsdp_refuses_a_4bit_base_with_a_clear_error(tmp_path):
     from vlm_course.distributed import LossModule, shard_fsdp
     from vlm_course.training import answer_loss_sum, apply_recipe

@@ -25,7 +25,9 @@ Why torchrun + DDP (not `accelerate launch` + Accelerator) as the primary path: 
 in plain PyTorch, and DDP is ~5 visible lines here (wrap, no_sync, all_reduce, barrier) that a learner can
 read; QLoRA needs nothing special under it (the frozen NF4 weights have requires_grad=False, so DDP never
 reduces them, and every LoRA parameter is used in every step, so find_unused_parameters stays False).
-`accelerate launch train.py` starts the same processes with the same variables, so this code runs under it too.
+static_graph is not needed either: it exists for graphs DDP cannot follow (reentrant activation checkpointing,
+parameters used a varying number of times), and our forward is the same every step. `accelerate launch
+--multi_gpu` starts the same processes through torchrun with the same variables, so this code runs under it too.
 """
 
 from __future__ import annotations
