@@ -54,7 +54,7 @@ test-lessons-fail: setup
 	else echo "no lesson notebooks yet"; fi
 
 test-notebooks: setup
-	@if ls solutions/*.ipynb >/dev/null 2>&1; then VLM_COURSE_PROFILE=tiny $(BIN)/pytest --nbval-lax solutions; \
+	@if ls solutions/*.ipynb >/dev/null 2>&1; then VLM_COURSE_PROFILE=tiny $(BIN)/pytest --nbval-lax solutions lessons/instructor_demo.ipynb; \
 	else echo "no solution notebooks yet: nbval skipped"; fi
 
 # lessons/ is generated from solutions/ (the master); CI fails when they are out of sync.
