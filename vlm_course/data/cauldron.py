@@ -187,14 +187,23 @@ class CauldronStream:
         self.sources, self.weights, self.seed, self.max_samples = sources, weights, seed, max_samples
         self.want_validation, self.val_fraction, self.verbose = want_validation, val_fraction, verbose
         self.rank, self.world_size = rank, world_size  # this process's split (the Trainer checks it)
+        self.epoch = 0
         self.report = LoadReport()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Another order for another pass: streamed subsets reshuffle with seed + epoch (the same in every process,
+        so the split stays disjoint), and the mixing draws anew."""
+        self.epoch = epoch
+        for dataset in self.sources.values():
+            if hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
 
     def __iter__(self):
         report = self.report = LoadReport()
         streams = {name: _clean_rows(ds, name, self.want_validation, self.val_fraction, report)
                    for name, ds in self.sources.items()}
         # Each process draws its own subset sequence (same weights), so a global batch is not W copies of one mix.
-        seed = self.seed if self.world_size == 1 else [self.seed, self.rank]
+        seed = self.seed if (self.world_size, self.epoch) == (1, 0) else [self.seed, self.rank, self.epoch]
         yield from _interleave(streams, self.weights, seed, self.max_samples)
         _announce(report, self.verbose)
 
