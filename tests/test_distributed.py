@@ -388,13 +388,19 @@ def test_stream_rows_restart_resume_and_refuse_an_unsplit_stream():
     from vlm_course.distributed import StreamRows
 
     class Stream(list):
-        world_size = 1
+        world_size, epoch = 1, 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __iter__(self):  # a new order each epoch: reversed in odd ones
+            return iter(self[::-1] if self.epoch % 2 else self[:])
 
     stream = StreamRows(Stream(range(5)))
-    assert stream.next_rows(3) + stream.next_rows(3) == [0, 1, 2, 3, 4, 0]  # a new pass after the end
+    assert stream.next_rows(3) + stream.next_rows(3) == [0, 1, 2, 3, 4, 4]  # a new pass, a new order
     again = StreamRows(Stream(range(5)))
     again.load_state_dict(stream.state_dict())
-    assert again.next_rows(2) == stream.next_rows(2) == [1, 2]
+    assert again.next_rows(5) == stream.next_rows(5) == [3, 2, 1, 0, 0]
     with pytest.raises(ValueError, match="split it per process"):
         StreamRows(Stream(range(5)), rank=0, world_size=2)  # every process would read the same rows
     Stream.world_size = 2
@@ -423,6 +429,12 @@ def test_cauldron_split_by_node_is_disjoint_complete_deterministic_and_keeps_the
     assert not set(parts[0]) & set(parts[1])
     assert sorted(parts[0] + parts[1]) == sorted(everything)
     assert ids(1, 2) == parts[1]  # deterministic for (seed, rank, world_size)
+    if streaming:  # another epoch: another order, the same rows
+        stream = load_cauldron({"shapes": 3, "count": 1}, data_dir=data_dir, streaming=True, seed=7, rank=1,
+                               world_size=2, verbose=False)
+        stream.set_epoch(1)
+        next_epoch = [(r["source"], row_id(r)) for r in stream]
+        assert next_epoch != parts[1] and sorted(next_epoch) == sorted(parts[1])
     for rank in (0, 1):  # the mix, while both subsets last: ~3 shapes rows per count row in each process
         head = [source for source, _ in ids(rank, 2, max_samples=32)]
         assert len(head) == 16 and 0.55 <= head.count("shapes") / 16 <= 0.95, head

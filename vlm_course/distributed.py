@@ -295,7 +295,8 @@ class StreamRows:
     """Rows from a stream (a streamed the_cauldron split for this process), restarted when it runs out.
 
     Each process counts the rows it consumed; resuming replays its stream up to that count (a stream has no
-    random access). The split depends on the number of processes, so resuming with another number stops.
+    random access; the replay decodes the rows again, so it takes a while after a long run). Each pass calls
+    the stream's set_epoch, when it has one, for a new order. The split depends on the number of processes, so resuming with another number stops.
     """
 
     def __init__(self, stream: Iterable, rank: int = 0, world_size: int = 1):
@@ -306,14 +307,20 @@ class StreamRows:
                 "load_cauldron(..., streaming=True, rank=ctx.rank, world_size=ctx.world_size) "
                 "(or pass a list of rows, which the Trainer shards itself)")
         self.stream, self.rank, self.world_size = stream, rank, world_size
-        self.consumed, self._iterator = 0, None
+        self.consumed, self.epoch, self._iterator = 0, 0, None
+
+    def _start(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.stream, "set_epoch"):  # a new order each pass (CauldronStream, datasets.IterableDataset)
+            self.stream.set_epoch(epoch)
+        self._iterator = iter(self.stream)
 
     def _next(self):
         if self._iterator is None:
-            self._iterator = iter(self.stream)
+            self._start(self.epoch)
         row = next(self._iterator, None)
         if row is None:  # end of this process's epoch: start the next pass
-            self._iterator = iter(self.stream)
+            self._start(self.epoch + 1)
             row = next(self._iterator, None)
             if row is None:
                 raise ValueError("the training stream has no rows: check the subsets, data path and split")
@@ -325,7 +332,7 @@ class StreamRows:
         return rows
 
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "world_size": self.world_size, "stream": True}
+        return {"consumed": self.consumed, "epoch": self.epoch, "world_size": self.world_size, "stream": True}
 
     def load_state_dict(self, state: dict) -> None:
         if not state.get("stream"):
@@ -335,8 +342,7 @@ class StreamRows:
                 f"this checkpoint streamed the data split over {state['world_size']} process(es) and this run has "
                 f"{self.world_size}: each process's stream position only makes sense for the same split. Relaunch "
                 f"with torchrun --nproc-per-node {state['world_size']} (in total), or start a new run.")
-        self._iterator = None
-        self.consumed = 0
+        self._iterator, self.consumed, self.epoch = None, 0, 0
         for _ in range(state["consumed"]):  # replay: deterministic for the seed, rank and world size
             self._next()
         self.consumed = state["consumed"]
