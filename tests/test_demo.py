@@ -1,0 +1,173 @@
+"""Smoke tests for the offline demo and the course's small ViT (fast: tiny profile, a few steps)."""
+
+import json
+
+import pytest
+import torch
+
+from vlm_course import demo, pretrain_vit
+from vlm_course.config import get_profile
+from vlm_course.processing import VLMProcessor
+from vlm_course.vision import VisionEncoder
+from vlm_course.vlm import VisionLanguageModel
+from vlm_course.weights import assets_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# The committed ViT (assets/vit_smol)
+
+
+def test_vit_smol_asset_loads_with_the_smol_config():
+    folder = assets_dir() / "vit_smol"
+    size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+    assert size_mb < 20, f"assets/vit_smol is {size_mb:.1f} MB; the budget is 20 MB"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "siglip_vision_model"
+    encoder = VisionEncoder.from_siglip("course-vit-smol")
+    expected = get_profile("smol").config.vision
+    for name in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+        assert getattr(encoder.cfg, name) == getattr(expected, name), name
+    out = encoder(torch.randn(2, 3, expected.image_size, expected.image_size))
+    assert out.shape == (2, expected.num_patches, expected.hidden_size)
+    assert torch.isfinite(out).all()
+
+
+def test_vit_smol_asset_matches_transformers_siglip():
+    from transformers import SiglipVisionModel
+
+    folder = assets_dir() / "vit_smol"
+    ours = VisionEncoder.from_siglip(folder)
+    theirs = SiglipVisionModel.from_pretrained(folder).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(pixel_values=x).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_vit_smol_separates_colours():
+    """The pretrained patches carry colour: a red and a blue square give clearly different features."""
+    from PIL import Image
+
+    from vlm_course.processing import ImageTransform
+
+    encoder = VisionEncoder.from_siglip("course-vit-smol")
+    transform = ImageTransform(encoder.cfg)
+    images = []
+    for colour in ((215, 35, 35), (35, 85, 225), (215, 35, 35)):
+        image = Image.new("RGB", (64, 64), (235, 235, 235))
+        image.paste(colour, (16, 16, 40, 40))
+        images.append(transform(image))
+    with torch.no_grad():
+        red, blue, red_again = encoder(torch.stack(images)).mean(1)
+    assert (red - blue).norm() > 5 * (red - red_again).norm() + 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# ViT pretraining pieces
+
+
+def test_patch_labels_mark_the_covered_patches():
+    from vlm_course.data.synthetic import Shape
+
+    square = Shape("square", "blue", cx=20.0, cy=20.0, size=16.0)  # covers pixels 12..28: patches 1-3 x 1-3
+    colour, shape = pretrain_vit.patch_labels([square], image_size=64, patch=8, min_cover=16)
+    grid_colour = colour.reshape(8, 8)
+    assert grid_colour[2, 2] == 1 + pretrain_vit.COLOURS.index("blue")
+    assert shape.reshape(8, 8)[2, 2] == 1 + pretrain_vit.SHAPES.index("square")
+    assert grid_colour[6, 6] == 0 and grid_colour[0, 7] == 0  # background far away
+
+
+def test_pretrain_and_save_round_trip(tmp_path):
+    vision_cfg = get_profile("tiny").config.vision
+    cfg = pretrain_vit.PretrainConfig(steps=2, batch_size=8, num_images=16, warmup_steps=1)
+    encoder, result = pretrain_vit.pretrain(cfg, vision_cfg)
+    assert len(result["loss_history"]) == 2
+    folder = pretrain_vit.save_siglip(encoder, tmp_path / "vit")
+    loaded = VisionEncoder.from_siglip(folder)
+    x = torch.randn(1, 3, vision_cfg.image_size, vision_cfg.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), encoder(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo's training pieces, on the tiny profile
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_profile("tiny")
+    processor = VLMProcessor.from_config(model.config, system_prompt=None)
+    return model, processor
+
+
+def _samples(n=4):
+    return demo.load_samples("test", ["count", "mc"], n // 2)
+
+
+def test_answer_loss_equals_the_full_loss(tiny):
+    """Left padding + logits only at the answers gives the same loss as the model's own right-padded forward."""
+    model, processor = tiny
+    encoded = demo.encode_samples(processor, _samples())
+    with torch.no_grad():
+        fast = demo.answer_loss(model, demo.collate(processor, encoded, padding_side="left"))
+        full = model(**demo.collate(processor, encoded, padding_side="right")).loss
+    torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
+
+
+def test_qlora_gradients_reach_the_projector_after_an_evaluation():
+    """bitsandbytes repacks 4-bit weights for fast CPU inference, and the repacked kernel has no backward;
+    make_qlora must keep gradients flowing to the projector even after an eval pass."""
+    torch.manual_seed(0)
+    recipe = demo.quick_recipe(demo.DemoRecipe())
+    model = VisionLanguageModel.from_profile("tiny")
+    processor = VLMProcessor.from_config(model.config, system_prompt=None)
+    demo.make_qlora(model, recipe)
+    samples = _samples()
+    demo.evaluate(model, processor, samples, batch_size=4, max_new_tokens=2, progress=False)
+    model.train()
+    batch = demo.collate(processor, demo.encode_samples(processor, samples))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = demo.answer_loss(model, batch)
+    loss.backward()
+    grad = model.projector.proj.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    lora = demo.lora_parameters(model)
+    assert lora and all(not p.requires_grad or p.grad is not None for p in lora)
+
+
+def test_make_qlora_quantises_the_blocks_and_keeps_the_head_tied():
+    import bitsandbytes as bnb
+
+    model = VisionLanguageModel.from_profile("tiny")
+    demo.make_qlora(model, demo.DemoRecipe())
+    assert isinstance(model.decoder.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    assert model.decoder.lm_head.weight is model.decoder.embed_tokens.weight
+    assert model.decoder.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.decoder.rotary.inv_freq.dtype == torch.float32
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.decoder.named_parameters())
+
+
+def test_make_optimizer_groups_by_module_not_by_name(tiny):
+    """'proj' is in q_proj/o_proj too: groups must come from the modules, or LoRA gets the projector's lr."""
+    model, _ = tiny
+    import copy
+
+    model = copy.deepcopy(model)
+    demo.make_qlora(model, demo.DemoRecipe())
+    stage = demo.Stage("s", steps=1, lr_projector=1e-3, lr_vision=0.0, lr_lora=1e-4, warmup_steps=1)
+    optimizer = demo.make_optimizer(model, stage)
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    assert set(groups) == {"projector", "lora"}
+    assert {id(p) for p in groups["projector"]["params"]} == {id(p) for p in model.projector.parameters()}
+    assert all(not p.requires_grad for p in model.vision.parameters())
+
+
+def test_quick_demo_runs_end_to_end(tmp_path, capsys):
+    result = demo.run_demo("tiny", demo.quick_recipe(demo.DemoRecipe()), tmp_path, progress=False)
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("demo: shapes ") and "| train " in last_line and "cores" in last_line
+    assert set(result["after"]) == set(demo.EVAL_SUBSETS)
+    for name in ("loss_curve.png", "before_after.png", "samples.png", "results.json"):
+        assert (tmp_path / name).exists(), name
+    assert (tmp_path / "checkpoint" / "trainable.safetensors").exists()
+    assert len(result["history"]) == demo.quick_recipe(demo.DemoRecipe()).total_steps
