@@ -75,10 +75,10 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--int8", action="store_true", help="also write int8 graphs")
     parser.add_argument(
         "--int8-scheme",
-        choices=["dynamic", "weight_only"],
+        choices=["dynamic", "blockwise"],
         default="dynamic",
-        help="dynamic: int8 weights and activations (quantize_dynamic); weight_only: int8 weights, "
-        "float activations (MatMulNBits), more accurate on SmolLM2",
+        help="dynamic: one scale per activation tensor (quantize_dynamic); blockwise: one scale per 32 "
+        "weights and per 32 activations (MatMulNBits), more accurate on SmolLM2 (see quantize.py)",
     )
     parser.add_argument(
         "--gguf",

@@ -166,7 +166,7 @@ def write_manifest(folder: Path) -> dict:
 # Building
 
 
-INT8_BITS = {"dynamic": 8, "weight_only": 9}  # weight_only: one fp32 scale per 32 int8 weights
+INT8_BITS = {"dynamic": 8, "blockwise": 9}  # blockwise: one fp32 scale per 32 int8 weights
 
 
 def _runtime_config(model, processor, files: dict, parity, int8_scheme: str) -> dict:
@@ -281,7 +281,7 @@ def build_bundle(
 ) -> Path:
     """Export a trained VLM (a saved folder or a model) into a self-contained bundle folder; returns its path.
 
-    int8: also write int8 graphs, quantised with `int8_scheme` ("dynamic" or "weight_only", see quantize.py).
+    int8: also write int8 graphs, quantised with `int8_scheme` ("dynamic" or "blockwise", see quantize.py).
 
     verify: run the exported fp32 graphs against PyTorch on random inputs and refuse to write the bundle if
     the logits differ by more than PARITY_TOLERANCE (the figures go into bundle.json and README.md).

@@ -94,17 +94,17 @@ def main(argv=None) -> int:
     )
     report = compare_int8_accuracy(bundle, rows, max_new_tokens=args.max_new_tokens, progress=False)
     print(f"dynamic int8: {report.summary()}")
-    weight_only = build_bundle(
+    blockwise = build_bundle(
         model,
-        f"{args.out}-weight-only",
+        f"{args.out}-blockwise",
         int8=True,
-        int8_scheme="weight_only",
+        int8_scheme="blockwise",
         gguf=False,
         verify=False,
         overwrite=True,
     )
-    report = compare_int8_accuracy(weight_only, rows, max_new_tokens=args.max_new_tokens, progress=False)
-    print(f"weight-only int8: {report.summary()}")
+    report = compare_int8_accuracy(blockwise, rows, max_new_tokens=args.max_new_tokens, progress=False)
+    print(f"blockwise int8: {report.summary()}")
 
     if not args.skip_gguf:
         tokenizer = load_tokenizer(model.config.tokenizer)
