@@ -152,7 +152,7 @@ def main() -> None:
         f"average context {context} tokens\n"
     )
     print(
-        f"{'contender':30s} {'MB/token':>8s} | {'roofline':>8s} {'best':>6s} {'ratio':>6s} {'(read)':>6s} | "
+        f"{'contender':36s} {'MB/token':>8s} | {'roofline':>8s} {'best':>6s} {'ratio':>6s} {'(read)':>6s} | "
         f"{'roofline':>8s} {'median':>6s} {'ratio':>6s}"
     )
     for name, (fmt, _) in contenders.items():
@@ -163,7 +163,7 @@ def main() -> None:
         )
         best, median = 1 / min(seconds[name]), 1 / statistics.median(seconds[name])
         print(
-            f"{name:30s} {roof.bytes_per_step / MB:8.1f} | {roof.tokens_per_s:8.1f} {best:6.1f} "
+            f"{name:36s} {roof.bytes_per_step / MB:8.1f} | {roof.tokens_per_s:8.1f} {best:6.1f} "
             f"{best / roof.tokens_per_s:6.2f} {best / roof_read.tokens_per_s:6.2f} | "
             f"{roof_median.tokens_per_s:8.1f} {median:6.1f} {median / roof_median.tokens_per_s:6.2f}"
         )
