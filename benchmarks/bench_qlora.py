@@ -16,7 +16,8 @@ backward, AdamW step on the adapters. Each config runs in a fresh process, one a
   4. reset the kernel's peak-RSS counter (/proc/self/clear_refs), run the steps, read the peak (VmHWM)
   5. peak training memory = VmHWM - overhead (model + activations + gradients + optimiser state)
 Memory is measured as process RSS from /proc (not tracemalloc: torch allocates outside Python's allocator).
-Step time is the median of --steps timed steps after one warm-up step. Linux only. The first run converts the
+Step time is the median of --steps timed steps after one warm-up step (CPU seconds with --threads 1, so other
+jobs on a shared machine do not distort it; wall-clock otherwise). Linux only. The first run converts the
 offline GGUF once (~25 s).
 """
 
@@ -113,15 +114,18 @@ def child(name: str, batch: int, seq: int, steps: int, rank: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, decoder.cfg.vocab_size, (batch, seq), generator=generator)
 
+    # One thread: time CPU seconds of this process (robust to other jobs on a shared machine); else wall-clock.
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
     def step() -> float:
-        start = time.perf_counter()
+        start = clock()
         with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits = decoder(input_ids=input_ids).logits
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return clock() - start
 
     reset_peak()
     step()  # warm-up (also allocates AdamW's state)
@@ -138,8 +142,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=192)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(args.child, args.batch, args.seq, args.steps, args.rank)))
         return 0
@@ -150,14 +159,13 @@ def main(argv=None) -> int:
     if "lora-fp32" not in names:
         names.insert(0, "lora-fp32")  # the reference for the ratios
 
-    import torch
-
     print(f"SmolLM2-135M-Instruct, LoRA r={args.rank} on q,k,v,o,gate,up,down; batch {args.batch} x {args.seq} "
           f"tokens; {torch.get_num_threads()} threads; median of {args.steps} steps after a warm-up")
     results = {}
     for name in names:
         command = [sys.executable, __file__, "--child", name, "--batch", str(args.batch), "--seq", str(args.seq),
                    "--steps", str(args.steps), "--rank", str(args.rank)]
+        command += ["--threads", str(args.threads)] if args.threads else []
         out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode:
             print(f"{name}: failed\n{out.stderr[-2000:]}")
