@@ -64,9 +64,11 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=4, help="held-out questions per mini-cauldron subset")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--skip-gguf", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random init of untrained parts")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    torch.manual_seed(args.seed)  # a profile's untrained parts (e.g. smol's projector) are random
     model = VisionLanguageModel.from_profile(args.profile) if args.profile else args.model
     model = load_model_for_export(model)
     start = time.perf_counter()
