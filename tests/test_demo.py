@@ -88,6 +88,18 @@ def test_pretrain_and_save_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x), encoder(x))
 
 
+def test_captions_name_every_object_in_reading_order():
+    from vlm_course.data.synthetic import Shape
+
+    shapes = [Shape("circle", "red", 50.0, 55.0, 10.0), Shape("square", "blue", 10.0, 10.0, 10.0),
+              Shape("triangle", "green", 32.0, 32.0, 10.0)]
+    assert demo.caption(shapes, 64) == "3 objects: blue square top left, green triangle center, red circle bottom right."
+    samples = demo.caption_samples(3, seed=0)
+    assert [s["question"] for s in samples] == [demo.CAPTION_PROMPT] * 3
+    assert all(s["answer"].split()[0].isdigit() and s["image"].size == (64, 64) for s in samples)
+    assert [s["answer"] for s in samples] == [s["answer"] for s in demo.caption_samples(3, seed=0)]
+
+
 # ----------------------------------------------------------------------------------------------
 # The demo's training pieces, on the tiny profile
 
@@ -112,6 +124,19 @@ def test_answer_loss_equals_the_full_loss(tiny):
         fast = demo.answer_loss(model, demo.collate(processor, encoded, padding_side="left"))
         full = model(**demo.collate(processor, encoded, padding_side="right")).loss
     torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
+
+
+def test_batches_bucket_by_length_and_cover_an_epoch(tiny):
+    _, processor = tiny
+    encoded = demo.encode_samples(processor, demo.load_samples("test", ["count", "mc"], 16))
+    batches = demo.Batches(processor, encoded, batch_size=4, seed=0)
+    batches.new_epoch()
+    epoch = [list(b) for b in batches.batches]
+    seen = [i for b in epoch for i in b]
+    assert len(seen) == len(set(seen)) == len(encoded)  # 32 samples, 8 batches of 4: each exactly once
+    padded = sum(4 * max(len(encoded[i]["input_ids"]) for i in b) for b in epoch)
+    assert padded < 1.1 * sum(len(e["input_ids"]) for e in encoded)  # mc and count rows are not mixed
+    assert demo.Batches(processor, encoded, 4, seed=0).next()["input_ids"].shape[0] == 4
 
 
 def test_qlora_gradients_reach_the_projector_after_an_evaluation():
