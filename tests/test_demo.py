@@ -12,7 +12,6 @@ from vlm_course.vision import VisionEncoder
 from vlm_course.vlm import VisionLanguageModel
 from vlm_course.weights import assets_dir
 
-
 # ----------------------------------------------------------------------------------------------
 # The committed ViT (assets/vit_smol)
 

@@ -29,13 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import get_profile
 from .decoder import RMSNorm
 from .evaluation import mmstar_match, normalize_answer
-from .processing import IGNORE_INDEX, VLMProcessor
+from .processing import VLMProcessor
 from .vlm import VisionLanguageModel
 
 EVAL_SUBSETS = ("shapes", "count", "spatial", "mc")
