@@ -266,8 +266,16 @@ def _load_subset(name: str, file_split: str, streaming: bool, data_dir):
         dataset = datasets.load_dataset(HUB_REPO, name, split="train", streaming=streaming)
     else:
         files = local_files(data_dir, name, file_split)
-        dataset = datasets.load_dataset("parquet", data_files={file_split: files}, split=file_split,
-                                        streaming=streaming)
+        # A few MB of local parquet load in a blink: datasets' "Generating split" bars would only be noise
+        # (and would make notebook outputs differ between a first and a cached run).
+        were_enabled = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            dataset = datasets.load_dataset("parquet", data_files={file_split: files}, split=file_split,
+                                            streaming=streaming)
+        finally:
+            if were_enabled:
+                datasets.enable_progress_bars()
     _check_schema(dataset, name)
     return dataset
 
