@@ -61,12 +61,16 @@ def bench_generate(new_tokens: int, cache_tokens: int, repeats: int) -> None:
                                eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
 
     with torch.inference_mode():
-        same = torch.equal(run_ours()[0], run_theirs()[0, ids.shape[1]:])
+        a, b = run_ours()[0], run_theirs()[0, ids.shape[1]:]
+        differ = (a != b).nonzero()
+        # fp32 sums in a different order differ by ~1e-6; over a long free-running text a near-tie between
+        # the top two tokens eventually flips, and the texts part ways from there. Say where.
+        same = "all" if len(differ) == 0 else f"first {int(differ[0])} of {new_tokens}"
         t_ours, t_theirs = alternate(run_ours, run_theirs, repeats)
     print(f"[1] greedy decode, {new_tokens} new tokens, prompt {ids.shape[1]} tokens, real SmolLM2-135M (fp32)")
     print(f"    ours (KV cache)        {new_tokens / t_ours:7.1f} tok/s")
     print(f"    transformers generate  {new_tokens / t_theirs:7.1f} tok/s")
-    print(f"    ratio ours/theirs      {t_theirs / t_ours:7.2f}x   (goal >= 1.0; identical tokens: {same})")
+    print(f"    ratio ours/theirs      {t_theirs / t_ours:7.2f}x   (goal >= 1.0; identical greedy tokens: {same})")
 
     def cached():
         return ours.generate(ids, max_new_tokens=cache_tokens, eos_token_id=None)

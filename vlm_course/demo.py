@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -434,11 +435,14 @@ def save_checkpoint(model: VisionLanguageModel, out: Path, recipe: DemoRecipe) -
     model.config.save(tmp / "config.json")
     with open(tmp / "recipe.json", "w") as f:
         json.dump(asdict(recipe), f, indent=2)
+    # Swap in the new folder without a moment where neither exists: the old one is renamed aside first
+    # (a crash right then leaves it whole, as .checkpoint-old), and deleted only once the new one is in place.
+    old = out / ".checkpoint-old"
+    shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
+        os.replace(folder, old)
     os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
