@@ -53,7 +53,7 @@ def load_demo_checkpoint(folder="runs/demo/checkpoint", profile: str = "smol"):
     folder = Path(folder)
     weights = folder / "trainable.safetensors"
     if not weights.exists():
-        raise FileNotFoundError(f"no demo checkpoint in {folder}: run `make demo` first (about 15-20 min on a CPU)")
+        raise FileNotFoundError(f"no demo checkpoint in {folder}: run `make demo` first (about 30 min on 2 CPU cores)")
     recipe = _recipe_from_json(folder / "recipe.json")
     model, processor = build_model(profile, recipe)
     state = load_file(weights)

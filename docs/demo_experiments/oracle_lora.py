@@ -1,0 +1,59 @@
+"""Text oracle: QLoRA on SmolLM2 with a perfect text description instead of the image. How fast does it learn?"""
+import sys, time, math, random, torch, torch.nn.functional as F
+from vlm_course.data import synthetic
+captured = []
+orig = synthetic.render
+def render(rng, image_size, shapes=(), text=None):
+    captured.append(list(shapes)); return orig(rng, image_size, shapes, text)
+synthetic.render = render
+from vlm_course.demo import caption, DemoRecipe, build_model, lora_parameters
+from vlm_course.evaluation import mmstar_match, normalize_answer
+STEPS = int(sys.argv[1]); LR = float(sys.argv[2])
+torch.manual_seed(0)
+model, proc = build_model("smol", DemoRecipe())
+tok = proc.tokenizer
+def rows(subset, n, seed):
+    captured.clear(); out = []
+    for row, shapes in zip(synthetic.generate(subset, n, seed=seed), captured):
+        t = row["texts"][0]
+        out.append((subset, f"Image: {caption(shapes, 64)}\n{t['user']}", t["assistant"]))
+    return out
+subsets = ["shapes", "count", "spatial", "mc"]
+train = [r for s in subsets for r in rows(s, 600, 11)]
+test = [r for s in subsets for r in rows(s, 40, 12)]
+def enc(q, a=None):
+    msgs = [{"role": "user", "content": q}] + ([{"role": "assistant", "content": a}] if a else [])
+    return tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=a is None, tokenize=False), add_special_tokens=False)
+random.seed(0)
+lora = lora_parameters(model)
+for p in lora: p.requires_grad_(True)
+opt = torch.optim.AdamW(lora, lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
+t0 = time.time()
+for step in range(STEPS):
+    f = min(1, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / STEPS)))
+    for g in opt.param_groups: g["lr"] = LR * f
+    batch = random.sample(train, 16)
+    seqs, labs = [], []
+    for _, q, a in batch:
+        p_ids = enc(q); full = enc(q, a)
+        full = full[:-1] if tok.decode(full[-1:]) == "\n" else full
+        seqs.append(full); labs.append([-100] * len(p_ids) + full[len(p_ids):])
+    L = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (L - len(s)) for s in seqs]); lab = torch.tensor([l + [-100] * (L - len(l)) for l in labs])
+    mask = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.decoder(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
+    opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(lora, 1.0); opt.step()
+    if step % 10 == 0: print(f"step {step} loss {loss.item():.3f} {time.time()-t0:.0f}s", flush=True)
+model.eval(); acc = {}
+for s in subsets:
+    ok = 0
+    for sub, q, a in [r for r in test if r[0] == s]:
+        ids = torch.tensor([enc(q)])
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.decoder.generate(ids, max_new_tokens=4, eos_token_id=tok.eos_token_id)
+        p = tok.decode(out[0], skip_special_tokens=True)
+        ok += mmstar_match(p, a) if s == "mc" else float(normalize_answer(p) == normalize_answer(a))
+    acc[s] = ok / 40
+print("oracle after", STEPS, acc, flush=True)
