@@ -57,8 +57,11 @@ def bench_generate(new_tokens: int, cache_tokens: int, repeats: int) -> None:
         return ours.generate(ids, max_new_tokens=new_tokens, eos_token_id=None)
 
     def run_theirs():
-        return theirs.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+        # An explicit mask: SmolLM2's pad token is <|im_end|>, which the chat prompt contains, and without a
+        # mask transformers infers one from `ids != pad_token_id` and hides those prompt tokens.
+        return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                               pad_token_id=tokenizer.pad_token_id)
 
     with torch.inference_mode():
         a, b = run_ours()[0], run_theirs()[0, ids.shape[1]:]

@@ -163,8 +163,10 @@ def test_real_smollm2_answers_paris_like_transformers(smollm2, smollm2_reference
     decoder, tokenizer = smollm2
     ids = chat_ids(tokenizer, "What is the capital of France?")
     ours = decoder.generate(ids, max_new_tokens=20, eos_token_id=tokenizer.eos_token_id)
-    theirs = smollm2_reference.generate(ids, max_new_tokens=20, do_sample=False,
-                                        eos_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:]
+    # An explicit all-ones mask: without one, transformers may infer it from `ids != pad_token_id`, and
+    # SmolLM2's pad token (<|im_end|>) occurs inside the chat prompt.
+    theirs = smollm2_reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20,
+                                        do_sample=False, eos_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:]
     assert torch.equal(ours, theirs)
     assert "Paris" in tokenizer.decode(ours[0], skip_special_tokens=True)
 

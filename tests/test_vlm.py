@@ -100,16 +100,20 @@ def test_profiles():
         get_profile("huge")
 
 
-def test_idefics3_interop_parity(tmp_path):
-    """A tiny random Idefics3 (SmolVLM's architecture) loads into our VLM and gives the same logits."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_idefics3_interop_parity(tmp_path, tied):
+    """A tiny random Idefics3 (SmolVLM's architecture) loads into our VLM and gives the same logits.
+
+    tied=True: the checkpoint stores no lm_head (it is the embedding matrix); the loader must not call it missing.
+    """
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration
 
     cfg = Idefics3Config(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8),
         text_config=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
-                         num_key_value_heads=2, vocab_size=100),
-        scale_factor=2, image_token_id=99,
+                         num_key_value_heads=2, vocab_size=100, tie_word_embeddings=tied),
+        scale_factor=2, image_token_id=99, tie_word_embeddings=tied,
     )
     ref = Idefics3ForConditionalGeneration(cfg).eval()
     ref.save_pretrained(tmp_path)
@@ -122,3 +126,4 @@ def test_idefics3_interop_parity(tmp_path):
         expected = ref(input_ids=ids, pixel_values=pixels).logits
         got = ours(ids, pixels.flatten(0, 1)).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (ours.decoder.lm_head.weight is ours.decoder.embed_tokens.weight) == tied

@@ -228,7 +228,10 @@ def load_mapped(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
         if own[name].shape != tensor.shape:
             raise ValueError(f"shape mismatch for {name}: ours {tuple(own[name].shape)}, checkpoint {tuple(tensor.shape)}")
     result = module.load_state_dict(tensors, strict=False)
-    missing = [m for m in result.missing_keys if not m.startswith("lm_head.")]
+    # A tied LM head is the embedding matrix under a second name: loading one loads both.
+    params = dict(module.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in tensors if k in params}
+    missing = [m for m in result.missing_keys if m not in params or params[m].data_ptr() not in loaded]
     if missing:
         raise ValueError(f"the name map left parameters unset: {missing[:5]}")
 
