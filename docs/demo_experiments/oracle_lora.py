@@ -8,7 +8,7 @@ def render(rng, image_size, shapes=(), text=None):
 synthetic.render = render
 from vlm_course.demo import caption, DemoRecipe, build_model, lora_parameters
 from vlm_course.evaluation import mmstar_match, normalize_answer
-STEPS = int(sys.argv[1]); LR = float(sys.argv[2])
+STEPS = int(sys.argv[1]); LR = float(sys.argv[2]); EVAL_EVERY = int(sys.argv[3]) if len(sys.argv) > 3 else STEPS
 torch.manual_seed(0)
 model, proc = build_model("smol", DemoRecipe())
 tok = proc.tokenizer
@@ -28,6 +28,18 @@ random.seed(0)
 lora = lora_parameters(model)
 for p in lora: p.requires_grad_(True)
 opt = torch.optim.AdamW(lora, lr=LR, betas=(0.9, 0.95), weight_decay=0.0)
+def evaluate(step):
+    model.eval(); acc = {}
+    for s in subsets:
+        ok = 0
+        for sub, q, a in [r for r in test if r[0] == s]:
+            ids = torch.tensor([enc(q)])
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model.decoder.generate(ids, max_new_tokens=4, eos_token_id=tok.eos_token_id)
+            p = tok.decode(out[0], skip_special_tokens=True)
+            ok += mmstar_match(p, a) if s == "mc" else float(normalize_answer(p) == normalize_answer(a))
+        acc[s] = ok / 40
+    print("oracle after", step, acc, flush=True); model.train()
 t0 = time.time()
 for step in range(STEPS):
     f = min(1, (step + 1) / 10) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / STEPS)))
@@ -46,14 +58,4 @@ for step in range(STEPS):
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(lora, 1.0); opt.step()
     if step % 10 == 0: print(f"step {step} loss {loss.item():.3f} {time.time()-t0:.0f}s", flush=True)
-model.eval(); acc = {}
-for s in subsets:
-    ok = 0
-    for sub, q, a in [r for r in test if r[0] == s]:
-        ids = torch.tensor([enc(q)])
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model.decoder.generate(ids, max_new_tokens=4, eos_token_id=tok.eos_token_id)
-        p = tok.decode(out[0], skip_special_tokens=True)
-        ok += mmstar_match(p, a) if s == "mc" else float(normalize_answer(p) == normalize_answer(a))
-    acc[s] = ok / 40
-print("oracle after", STEPS, acc, flush=True)
+    if (step + 1) % EVAL_EVERY == 0: evaluate(step + 1)
