@@ -150,7 +150,7 @@ def test_qlora_gradients_reach_the_projector_after_an_evaluation():
     demo.evaluate(model, processor, samples, batch_size=4, max_new_tokens=2, progress=False)
     model.train()
     batch = demo.collate(processor, demo.encode_samples(processor, samples))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with demo.compute_autocast(model):
         loss = demo.answer_loss(model, batch)
     loss.backward()
     grad = model.projector.proj.weight.grad
@@ -159,14 +159,20 @@ def test_qlora_gradients_reach_the_projector_after_an_evaluation():
     assert lora and all(not p.requires_grad or p.grad is not None for p in lora)
 
 
-def test_make_qlora_quantises_the_blocks_and_keeps_the_head_tied():
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_make_qlora_quantises_the_blocks_and_keeps_the_head_tied(precision, dtype):
+    """bf16 compute only where asked (or, with "auto", where the CPU has native bf16: emulated bf16 is ~100x
+    slower than fp32 on an AVX2-only CPU); the 4-bit layers, embeddings and autocast all follow that choice."""
     import bitsandbytes as bnb
 
     model = VisionLanguageModel.from_profile("tiny")
-    demo.make_qlora(model, demo.DemoRecipe())
-    assert isinstance(model.decoder.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    demo.make_qlora(model, demo.DemoRecipe(precision=precision))
+    q_proj = model.decoder.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.compute_dtype == dtype
     assert model.decoder.lm_head.weight is model.decoder.embed_tokens.weight
-    assert model.decoder.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.decoder.embed_tokens.weight.dtype == dtype
+    assert demo.compute_autocast(model).fast_dtype == torch.bfloat16
+    assert demo.compute_autocast(model)._enabled == (dtype == torch.bfloat16)
     assert model.decoder.rotary.inv_freq.dtype == torch.float32
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.decoder.named_parameters())
 

@@ -74,6 +74,9 @@ class DemoRecipe:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     double_quant: bool = False  # quantised block scales save 0.4 bit/weight but cost a 2nd dequantisation per matmul
     system_prompt: str | None = None  # no system prompt: 20 tokens shorter, every step is cheaper
+    # "auto": bf16 compute where the CPU multiplies natively in bf16 (AVX512-BF16 / AMX, ~2.5x fp32), else
+    # fp32: on an AVX2-only CPU emulated bf16 matmuls run ~100x slower than fp32 (0.9 vs 127 GFLOP/s measured).
+    precision: str = "auto"
     stages: tuple[Stage, ...] = field(default_factory=lambda: (
         Stage("align", steps=100, lr_projector=2e-3, lr_vision=2e-4, lr_lora=0.0, warmup_steps=10),
         Stage("qlora", steps=150, lr_projector=2e-4, lr_vision=5e-5, lr_lora=3e-4, warmup_steps=15),
@@ -102,21 +105,28 @@ def make_qlora(model: VisionLanguageModel, recipe: DemoRecipe) -> None:
 
     The building blocks are `vlm_course.training`'s (quantize_4bit, add_lora). Only `model.decoder.layers`
     is quantised: the ViT and projector, which train fully, are untouched. The decoder's other frozen
-    weights (embeddings = tied LM head, RMSNorm scales) are stored in bf16, the compute dtype: the residual
-    stream then stays in bf16 end to end instead of being converted fp32 <-> bf16 around each of the 210
+    weights (embeddings = tied LM head, RMSNorm scales) are stored in the compute dtype (bf16 where the CPU
+    has native bf16, see `DemoRecipe.precision`, else fp32): with bf16 the residual stream stays in bf16 end to end instead of being converted fp32 <-> bf16 around each of the 210
     linear layers (a fifth of a step's CPU time in a profile). RoPE's frequency table stays fp32.
     """
-    from .training import TrainConfig, add_lora, quantize_4bit
+    from .training import TrainConfig, add_lora, autocast_dtype, quantize_4bit
 
+    dtype = autocast_dtype(recipe.precision, torch.device("cpu")) or torch.float32
     model.decoder.requires_grad_(False)
-    quantize_4bit(model.decoder.layers, compute_dtype=torch.bfloat16, double_quant=recipe.double_quant)
-    model.decoder.embed_tokens.to(torch.bfloat16)  # .to() keeps the Parameter object: the LM head stays tied
+    quantize_4bit(model.decoder.layers, compute_dtype=dtype, double_quant=recipe.double_quant)
+    model.decoder.embed_tokens.to(dtype)  # .to() keeps the Parameter object: the LM head stays tied
     for module in model.decoder.modules():
         if isinstance(module, RMSNorm):
-            module.to(torch.bfloat16)
+            module.to(dtype)
     lora = TrainConfig(decoder="qlora", lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
                        lora_dropout=recipe.lora_dropout, lora_targets=recipe.lora_targets)
     add_lora(model.decoder, recipe.lora_targets, lora)
+
+
+def compute_autocast(model: VisionLanguageModel) -> torch.autocast:
+    """bf16 autocast if make_qlora chose bf16 compute for this model (its embeddings say so), else a no-op."""
+    dtype = model.decoder.embed_tokens.weight.dtype
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 def lora_parameters(model: VisionLanguageModel) -> list[nn.Parameter]:
@@ -306,7 +316,7 @@ def train(model, batches: Batches | dict[str, Batches], recipe: DemoRecipe, prog
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(i, stage)
             batch = (batches[stage.data] if isinstance(batches, dict) else batches).next()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with compute_autocast(model):
                 loss = answer_loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -347,7 +357,7 @@ def evaluate(model, processor: VLMProcessor, samples: list[dict], batch_size: in
     records = []
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress):
         chunk = samples[i:i + batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with compute_autocast(model):
             predictions = answer(model, processor, [s["image"] for s in chunk], [s["question"] for s in chunk],
                                  max_new_tokens=max_new_tokens)
         for s, p in zip(chunk, predictions):
