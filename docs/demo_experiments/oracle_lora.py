@@ -6,7 +6,7 @@ orig = synthetic.render
 def render(rng, image_size, shapes=(), text=None):
     captured.append(list(shapes)); return orig(rng, image_size, shapes, text)
 synthetic.render = render
-from vlm_course.demo import caption, DemoRecipe, build_model, lora_parameters
+from vlm_course.demo import caption, DemoRecipe, build_model, lora_parameters, compute_autocast
 from vlm_course.evaluation import mmstar_match, normalize_answer
 STEPS = int(sys.argv[1]); LR = float(sys.argv[2]); EVAL_EVERY = int(sys.argv[3]) if len(sys.argv) > 3 else STEPS
 torch.manual_seed(0)
@@ -34,7 +34,7 @@ def evaluate(step):
         ok = 0
         for sub, q, a in [r for r in test if r[0] == s]:
             ids = torch.tensor([enc(q)])
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad(), compute_autocast(model):
                 out = model.decoder.generate(ids, max_new_tokens=4, eos_token_id=tok.eos_token_id)
             p = tok.decode(out[0], skip_special_tokens=True)
             ok += mmstar_match(p, a) if s == "mc" else float(normalize_answer(p) == normalize_answer(a))
@@ -53,7 +53,7 @@ for step in range(STEPS):
     L = max(map(len, seqs))
     ids = torch.tensor([s + [0] * (L - len(s)) for s in seqs]); lab = torch.tensor([l + [-100] * (L - len(l)) for l in labs])
     mask = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with compute_autocast(model):
         logits = model.decoder(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab[:, 1:].reshape(-1), ignore_index=-100)
     opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(lora, 1.0); opt.step()
