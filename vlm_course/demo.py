@@ -385,13 +385,14 @@ def save_figures(out: Path, history: list[dict], before: dict, after: dict, reco
     # Loss curve, one colour per stage, plus a running mean.
     fig = Figure(figsize=(7, 4), dpi=110)
     ax = fig.add_subplot()
-    for stage in dict.fromkeys(h["stage"] for h in history):
+    window = 10
+    for k, stage in enumerate(dict.fromkeys(h["stage"] for h in history)):
         pts = [h for h in history if h["stage"] == stage]
         ax.plot([h["step"] for h in pts], [h["loss"] for h in pts], lw=0.8, alpha=0.5, label=f"{stage} (per step)")
-    window = 10
-    smooth = [sum(h["loss"] for h in history[max(0, i - window + 1):i + 1]) / min(i + 1, window)
-              for i in range(len(history))]
-    ax.plot([h["step"] for h in history], smooth, color="black", lw=1.5, label=f"mean of {window}")
+        # The running mean stays within a stage: a caption loss and an answer loss are different objectives.
+        smooth = [sum(h["loss"] for h in pts[max(0, i - window + 1):i + 1]) / min(i + 1, window)
+                  for i in range(len(pts))]
+        ax.plot([h["step"] for h in pts], smooth, color="black", lw=1.5, label=f"mean of {window}" if k == 0 else None)
     ax.set(xlabel="step", ylabel="answer loss", title="Training loss", yscale="log")
     ax.legend()
     paths.append(out / "loss_curve.png")
