@@ -81,7 +81,8 @@ class DemoRecipe:
     stages: tuple[Stage, ...] = field(default_factory=lambda: (
         # LLaVA's stage 1: dense captions with the decoder frozen. Every caption word depends on the image, so
         # the projector cannot lower the loss with a constant "soft prompt" (what QA-only alignment learnt:
-        # docs/demo_findings.md). Measured: held-out shapes 0.28 -> 0.54 with this stage, 13 min vs 23.5.
+        # docs/demo_findings.md). Measured by `make demo`: held-out shapes 0.49 (QA-only alignment: 0.28),
+        # 13.4 min of training (23.5).
         Stage("captions", steps=100, lr_projector=2e-3, lr_vision=2e-4, lr_lora=0.0, warmup_steps=10,
               data="captions"),
         Stage("qlora", steps=100, lr_projector=2e-4, lr_vision=5e-5, lr_lora=5e-4, warmup_steps=10),
@@ -111,8 +112,9 @@ def make_qlora(model: VisionLanguageModel, recipe: DemoRecipe) -> None:
     The building blocks are `vlm_course.training`'s (quantize_4bit, add_lora). Only `model.decoder.layers`
     is quantised: the ViT and projector, which train fully, are untouched. The decoder's other frozen
     weights (embeddings = tied LM head, RMSNorm scales) are stored in the compute dtype (bf16 where the CPU
-    has native bf16, see `DemoRecipe.precision`, else fp32): with bf16 the residual stream stays in bf16 end to end instead of being converted fp32 <-> bf16 around each of the 210
-    linear layers (a fifth of a step's CPU time in a profile). RoPE's frequency table stays fp32.
+    has native bf16, see `DemoRecipe.precision`, else fp32). With bf16 the residual stream then stays in bf16
+    end to end instead of being converted fp32 <-> bf16 around each of the 210 linear layers (a fifth of a
+    step's CPU time in a profile). RoPE's frequency table stays fp32.
     """
     from .training import TrainConfig, add_lora, autocast_dtype, quantize_4bit
 
