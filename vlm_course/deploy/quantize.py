@@ -40,17 +40,16 @@ SCHEMES = ("dynamic", "blockwise")
 
 
 def cpu_has_vnni() -> bool:
-    """True where x86 int8 dot products accumulate in int32 (AVX512-VNNI / AVX-VNNI), or off x86 (ARM's
-    kernels, e.g. on a Jetson, don't saturate either). Read from /proc/cpuinfo; elsewhere assume yes."""
+    """True where x86 int8 dot products accumulate in int32 (AVX512-VNNI), or off x86 (ARM's kernels, e.g. on
+    a Jetson, don't saturate either). Asked of torch, as `training.autocast_dtype` asks about bf16; if torch
+    cannot tell, 7-bit weights are the safe answer."""
     import platform
+
+    import torch
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
 
 
 def quantize_int8(
