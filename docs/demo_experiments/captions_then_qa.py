@@ -39,16 +39,16 @@ train_samples = load_samples("train", recipe.subsets, recipe.train_per_subset)
 test = load_samples("test", recipe.subsets, eval_n)
 test = [s for sub in recipe.subsets for s in [x for x in test if x["subset"] == sub][:eval_n]]
 batches = training_batches(proc, encode_samples(proc, train_samples), recipe)
-held_captions = encode_samples(proc, caption_samples(48, seed=999))
+# Held-out sets for the image-dependence check, encoded once: 48 fresh captions and 32 questions per subset.
+held_out = {"captions": encode_samples(proc, caption_samples(48, seed=999))}
+for sub in recipe.subsets:
+    held_out[sub] = encode_samples(proc, [s for s in test if s["subset"] == sub][:32])
 
 
 def image_dependence(label):
     """Answer loss with each sample's own image vs the batch rolled by one (someone else's image)."""
-    sets = {"captions": held_captions}
-    for sub in recipe.subsets:
-        sets[sub] = encode_samples(proc, [s for s in test if s["subset"] == sub][:32])
     out = {}
-    for name, enc in sets.items():
+    for name, enc in held_out.items():
         b = collate(proc, enc)
         rolled = dict(b, pixel_values=b["pixel_values"].roll(1, 0))
         with torch.no_grad(), compute_autocast(model):
