@@ -1,5 +1,12 @@
-"""Text oracle: QLoRA on SmolLM2 with a perfect text description instead of the image. How fast does it learn?"""
-import sys, time, math, random, torch, torch.nn.functional as F
+"""Text oracle: QLoRA on SmolLM2 with a perfect text description instead of the image. How fast does it learn?
+
+    .venv/bin/python docs/demo_experiments/oracle_lora.py STEPS LR [EVAL_EVERY] [OPTIONS]
+
+OPTIONS, comma-separated: "nosys" leaves out SmolLM2's default system prompt (as the demo does: 20 tokens
+shorter); "fine" gives each object's position as x and y on a 0-9 scale ("red circle at x 2 y 7") instead of
+the demo caption's 3 x 3 grid words, so that every spatial question is decidable from the text.
+"""
+import os, sys, time, math, random, torch, torch.nn.functional as F
 from vlm_course.data import synthetic
 captured = []
 orig = synthetic.render
@@ -9,6 +16,17 @@ synthetic.render = render
 from vlm_course.demo import caption, DemoRecipe, build_model, lora_parameters, compute_autocast
 from vlm_course.evaluation import mmstar_match, normalize_answer
 STEPS = int(sys.argv[1]); LR = float(sys.argv[2]); EVAL_EVERY = int(sys.argv[3]) if len(sys.argv) > 3 else STEPS
+OPTIONS = sys.argv[4].split(",") if len(sys.argv) > 4 else []
+if os.environ.get("THREADS"):
+    torch.set_num_threads(int(os.environ["THREADS"]))
+
+
+def describe(shapes):
+    if "fine" not in OPTIONS:
+        return caption(shapes, 64)
+    ordered = sorted(shapes, key=lambda s: (s.cy, s.cx))
+    parts = [f"{s.colour} {s.shape} at x {min(9, int(s.cx * 10 / 64))} y {min(9, int(s.cy * 10 / 64))}" for s in ordered]
+    return f"{len(shapes)} object{'s' * (len(shapes) > 1)}: " + ", ".join(parts) + "."
 torch.manual_seed(0)
 model, proc = build_model("smol", DemoRecipe())
 tok = proc.tokenizer
@@ -16,12 +34,15 @@ def rows(subset, n, seed):
     captured.clear(); out = []
     for row, shapes in zip(synthetic.generate(subset, n, seed=seed), captured):
         t = row["texts"][0]
-        out.append((subset, f"Image: {caption(shapes, 64)}\n{t['user']}", t["assistant"]))
+        out.append((subset, f"Image: {describe(shapes)}\n{t['user']}", t["assistant"]))
     return out
 subsets = ["shapes", "count", "spatial", "mc"]
 train = [r for s in subsets for r in rows(s, 600, 11)]
 test = [r for s in subsets for r in rows(s, 40, 12)]
 def enc(q, a=None):
+    if "nosys" in OPTIONS:  # the demo's format: no system turn
+        text = f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" + (f"{a}<|im_end|>" if a else "")
+        return tok.encode(text, add_special_tokens=False)
     msgs = [{"role": "user", "content": q}] + ([{"role": "assistant", "content": a}] if a else [])
     return tok.encode(tok.apply_chat_template(msgs, add_generation_prompt=a is None, tokenize=False), add_special_tokens=False)
 random.seed(0)
