@@ -10,9 +10,9 @@ blue 4: red circle top left, ..."), so that the caption stage asks the image tok
 import os, sys, time, torch
 from collections import Counter
 from vlm_course import demo
-from vlm_course.demo import (DemoRecipe, Stage, build_model, caption_samples, collate, compute_autocast, encode_samples,
+from vlm_course.demo import (DemoRecipe, Stage, build_model, caption_samples, encode_samples,
                              evaluate, load_samples, train, training_batches)
-from vlm_course.training import answer_loss_sum
+from common import image_dependence
 
 os.makedirs("runs/experiments", exist_ok=True)
 cap_steps, qa_steps = int(sys.argv[1]), int(sys.argv[2])
@@ -45,26 +45,14 @@ for sub in recipe.subsets:
     held_out[sub] = encode_samples(proc, [s for s in test if s["subset"] == sub][:32])
 
 
-def image_dependence(label):
-    """Answer loss with each sample's own image vs the batch rolled by one (someone else's image)."""
-    out = {}
-    for name, enc in held_out.items():
-        b = collate(proc, enc)
-        rolled = dict(b, pixel_values=b["pixel_values"].roll(1, 0))
-        with torch.no_grad(), compute_autocast(model):
-            (l1, n1), (l2, n2) = answer_loss_sum(model, b), answer_loss_sum(model, rolled)
-        out[name] = (round((l1 / n1).item(), 3), round((l2 / n2).item(), 3))
-    print(label, "loss own image vs rolled:", out, flush=True)
-
-
 t0 = time.time()
 hist = train(model, batches, DemoRecipe(stages=(caption_stage,)), progress=False, log_every=10)
 print(f"caption stage {time.time() - t0:.0f}s", flush=True)
-image_dependence("after captions")
+image_dependence(model, proc, held_out, "after captions")
 t1 = time.time()
 hist += train(model, batches, DemoRecipe(stages=(qa_stage,)), progress=False, log_every=10)
 print(f"qa stage {time.time() - t1:.0f}s; training {time.time() - t0:.0f}s", flush=True)
-image_dependence("after qa")
+image_dependence(model, proc, held_out, "after qa")
 acc, recs = evaluate(model, proc, test, 50, 4, progress=False)
 print("after", {k: round(v, 3) for k, v in acc.items()}, flush=True)
 for r in recs[::12][:16]:

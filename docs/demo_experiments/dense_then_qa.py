@@ -17,12 +17,10 @@ from collections import Counter
 import numpy as np
 import torch
 
-from vlm_course import demo
 from vlm_course.data import synthetic
-from vlm_course.demo import (Batches, DemoRecipe, Stage, build_model, caption_samples, collate, compute_autocast,
-                             encode_samples, evaluate, load_samples, train, training_batches)
+from vlm_course.demo import (Batches, DemoRecipe, Stage, build_model, caption_samples, encode_samples, evaluate, load_samples, train, training_batches)
 from vlm_course.pretrain_vit import random_specs
-from vlm_course.training import answer_loss_sum
+from common import image_dependence
 
 if os.environ.get("THREADS"):
     torch.set_num_threads(int(os.environ["THREADS"]))
@@ -124,29 +122,18 @@ for sub in recipe.subsets:
     held_out[sub] = encode_samples(proc, [s for s in test if s["subset"] == sub][:32])
 
 
-def image_dependence(label):
-    out = {}
-    for name, enc in held_out.items():
-        b = collate(proc, enc)
-        rolled = dict(b, pixel_values=b["pixel_values"].roll(1, 0))
-        with torch.no_grad(), compute_autocast(model):
-            (l1, n1), (l2, n2) = answer_loss_sum(model, b), answer_loss_sum(model, rolled)
-        out[name] = (round((l1 / n1).item(), 3), round((l2 / n2).item(), 3))
-    print(label, "loss own image vs rolled:", out, flush=True)
-
-
 t0 = time.time()
 hist = train(model, batches, DemoRecipe(stages=(stage1,)), progress=False, log_every=10)
 s1_seconds = time.time() - t0
 print(f"stage 1 ({kind}) {s1_seconds:.0f}s", flush=True)
-image_dependence(f"after {kind}")
+image_dependence(model, proc, held_out, f"after {kind}")
 acc, _ = evaluate(model, proc, test, 50, 4, progress=False)
 print(f"after {kind}", {k: round(v, 3) for k, v in acc.items()}, flush=True)
 t1 = time.time()
 if qa_steps:
     hist += train(model, batches, DemoRecipe(stages=(qa_stage,)), progress=False, log_every=10)
 print(f"qa stage {time.time() - t1:.0f}s; training {time.time() - t1 + s1_seconds:.0f}s", flush=True)
-image_dependence("after qa")
+image_dependence(model, proc, held_out, "after qa")
 acc, recs = evaluate(model, proc, test, 50, 4, progress=False)
 print("after", {k: round(v, 3) for k, v in acc.items()}, flush=True)
 for r in recs[::12][:16]:
