@@ -20,10 +20,9 @@ import torch
 from vlm_course.data import synthetic
 from vlm_course.demo import (Batches, DemoRecipe, Stage, build_model, caption_samples, encode_samples, evaluate, load_samples, train, training_batches)
 from vlm_course.pretrain_vit import random_specs
-from common import image_dependence
+from common import image_dependence, threads_from_env
 
-if os.environ.get("THREADS"):
-    torch.set_num_threads(int(os.environ["THREADS"]))
+threads_from_env()
 os.makedirs("runs/experiments", exist_ok=True)
 kind, s1_steps, qa_steps, s1_lora = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 eval_n = int(sys.argv[5]) if len(sys.argv) > 5 else 50
@@ -32,14 +31,6 @@ qas_per_image = int(sys.argv[6]) if len(sys.argv) > 6 else 4
 
 def _ask(rng, templates, **kw):
     return str(templates[int(rng.integers(len(templates)))]).format(**kw)
-
-
-def _mc(rng, question, answer, pool):
-    letter = synthetic.LETTERS[int(rng.integers(4))]
-    distractors = [pool[j] for j in rng.permutation(len(pool)) if pool[j] != answer][:3]
-    distractors.insert(synthetic.LETTERS.index(letter), answer)
-    lines = [question, "Options:"] + [f"{L}. {o}" for L, o in zip(synthetic.LETTERS, distractors)]
-    return "\n".join(lines + [synthetic.MC_INSTRUCTION]), letter
 
 
 def scene_questions(rng, shapes):
@@ -89,7 +80,8 @@ def dense_samples(n, seed, image_size=64):
         turns = []
         for q, a, pool in picks:
             if pool is not None and rng.random() < 0.25:
-                q, a = _mc(rng, q, a, list(pool))
+                letter = synthetic.LETTERS[int(rng.integers(4))]
+                q, a = synthetic.with_options(rng, q, a, list(pool), letter), letter
             turns.append({"user": q, "assistant": a})
         samples.append({"image": synthetic.render(rng, image_size, shapes), "turns": turns})
     return samples

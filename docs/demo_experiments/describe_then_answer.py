@@ -8,7 +8,7 @@ Stage 1: captions with LoRA trained too (lr 5e-4; section 8). Stage 2: the mini-
 (regenerated with their split seed, to know each scene's objects) with the target "<caption> Answer: <answer>".
 Scored on the text after the last "Answer:".
 """
-import os, sys, time
+import sys, time
 
 import torch
 
@@ -16,31 +16,17 @@ from vlm_course.data import synthetic
 from vlm_course.demo import (Batches, DemoRecipe, Stage, build_model, caption, caption_samples, compute_autocast,
                              encode_samples, score, train)
 from vlm_course.vlm import answer
+from common import generate_with_shapes, threads_from_env
 
-if os.environ.get("THREADS"):
-    torch.set_num_threads(int(os.environ["THREADS"]))
+threads_from_env()
 cap_steps, qa_steps = int(sys.argv[1]), int(sys.argv[2])
 eval_n = int(sys.argv[3]) if len(sys.argv) > 3 else 50
 SUBSETS = ("shapes", "count", "spatial", "mc")
 
-captured = []
-_render = synthetic.render
-
-
-def render(rng, image_size, shapes=(), text=None):
-    captured.append(list(shapes))
-    return _render(rng, image_size, shapes, text)
-
-
-synthetic.render = render
-
-
 def samples(split, per_subset):
     out = []
     for subset in SUBSETS:
-        captured.clear()
-        rows = synthetic.generate(subset, per_subset, seed=synthetic.SPLIT_SEEDS[split])
-        for row, shapes in zip(rows, captured):
+        for row, shapes in generate_with_shapes(subset, per_subset, synthetic.SPLIT_SEEDS[split]):
             for turn in row["texts"]:
                 out.append({"subset": subset, "image": row["images"][0], "question": turn["user"],
                             "answer": turn["assistant"], "target": f"{caption(shapes, 64)} Answer: {turn['assistant']}"})

@@ -1,19 +1,11 @@
 """Zero-shot: can the frozen SmolLM2-135M answer the mini-cauldron questions from a perfect text description?"""
-import numpy as np, torch
-from vlm_course.data import synthetic
 from vlm_course.weights import load_smollm2
-captured = []
-orig = synthetic.render
-def render(rng, image_size, shapes=(), text=None):
-    captured.append(list(shapes)); return orig(rng, image_size, shapes, text)
-synthetic.render = render
+from common import generate_with_shapes
 from vlm_course.demo import caption
 dec, tok = load_smollm2()
 for subset in ["shapes", "count", "spatial"]:
-    captured.clear()
-    rows = synthetic.generate(subset, 40, seed=123)
     ok = 0; ex = []
-    for row, shapes in zip(rows, captured):
+    for row, shapes in generate_with_shapes(subset, 40, 123):
         t = row["texts"][0]
         desc = caption(shapes, 64)
         msgs = [{"role": "user", "content": f"Image: {desc}\n{t['user']} Answer with one word."}]

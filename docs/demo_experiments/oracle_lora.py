@@ -6,19 +6,13 @@ OPTIONS, comma-separated: "nosys" leaves out SmolLM2's default system prompt (as
 shorter); "fine" gives each object's position as x and y on a 0-9 scale ("red circle at x 2 y 7") instead of
 the demo caption's 3 x 3 grid words, so that every spatial question is decidable from the text.
 """
-import os, sys, time, math, random, torch, torch.nn.functional as F
-from vlm_course.data import synthetic
-captured = []
-orig = synthetic.render
-def render(rng, image_size, shapes=(), text=None):
-    captured.append(list(shapes)); return orig(rng, image_size, shapes, text)
-synthetic.render = render
+import sys, time, math, random, torch, torch.nn.functional as F
+from common import generate_with_shapes, threads_from_env
 from vlm_course.demo import caption, DemoRecipe, build_model, lora_parameters, compute_autocast
 from vlm_course.evaluation import mmstar_match, normalize_answer
 STEPS = int(sys.argv[1]); LR = float(sys.argv[2]); EVAL_EVERY = int(sys.argv[3]) if len(sys.argv) > 3 else STEPS
 OPTIONS = sys.argv[4].split(",") if len(sys.argv) > 4 else []
-if os.environ.get("THREADS"):
-    torch.set_num_threads(int(os.environ["THREADS"]))
+threads_from_env()
 
 
 def describe(shapes):
@@ -31,8 +25,8 @@ torch.manual_seed(0)
 model, proc = build_model("smol", DemoRecipe())
 tok = proc.tokenizer
 def rows(subset, n, seed):
-    captured.clear(); out = []
-    for row, shapes in zip(synthetic.generate(subset, n, seed=seed), captured):
+    out = []
+    for row, shapes in generate_with_shapes(subset, n, seed):
         t = row["texts"][0]
         out.append((subset, f"Image: {describe(shapes)}\n{t['user']}", t["assistant"]))
     return out

@@ -401,11 +401,17 @@ def _mc(rng, image_size, i, state):
         shapes = place(rng, _distinct_specs(rng, int(rng.integers(1, 4))), image_size, (0.22, 0.36))
         question, answer = _attribute_question(rng, _pick(rng, shapes), kind)
         pool = list(COLOURS if kind == "colour" else SHAPES)
+    question = with_options(rng, question, answer, pool, letter)  # before render: keeps the rng's order
+    return render(rng, image_size, shapes), [(question, letter)]
+
+
+def with_options(rng: np.random.Generator, question: str, answer: str, pool, letter: str) -> str:
+    """The question with four lettered options: the answer under `letter`, three random others from `pool`."""
     distractors = [pool[j] for j in rng.permutation(len(pool)) if pool[j] != answer][: len(LETTERS) - 1]
     options = distractors[:]
     options.insert(LETTERS.index(letter), answer)
     lines = [question, "Options:"] + [f"{L}. {o}" for L, o in zip(LETTERS, options)] + [MC_INSTRUCTION]
-    return render(rng, image_size, shapes), [("\n".join(lines), letter)]
+    return "\n".join(lines)
 
 
 def box_text(shape: Shape, image_size: int) -> str:
