@@ -9,6 +9,9 @@
 
 Nothing in a notebook runs except its imports, defs, classes and literal constants (see
 vlm_course.grading.extract), so grading takes seconds and needs no network.
+
+A failed graded test reports its hint, not a traceback (the learner reads "❌ patchify: patches come out in
+column-major order - ..."). For pytest's full report, pass a traceback style: `--tb=long` (or `--tb=short`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,16 @@ def pytest_report_header(config):
 def notebooks_dir(config) -> Path:
     folder = Path(config.getoption("--notebooks"))
     return folder if folder.is_absolute() else REPO_ROOT / folder
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Compact reports by default: a failed grading assertion shows its message (the hint lines) only."""
+    outcome = yield
+    report = outcome.get_result()
+    if (report.failed and call.excinfo is not None and call.excinfo.errisinstance(AssertionError)
+            and item.config.getoption("tbstyle") == "auto"):
+        report.longrepr = f"{item.nodeid}\n{call.excinfo.value}"
 
 
 def pytest_collection_modifyitems(config, items):

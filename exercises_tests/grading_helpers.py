@@ -1,11 +1,14 @@
-"""Shared by the graded test files: one pytest parameter per registered exercise, and the assertion that
-turns a grading report into a failure message a learner can act on."""
+"""Shared by the graded test files: one pytest parameter per registered exercise, the assertion that turns a
+grading report into a failure message a learner can act on, and `explained`, which gives an end-to-end test's
+failure the hint of the piece that causes it."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
-from vlm_course.grading import all_exercises, grade
+from vlm_course.grading import all_exercises, get_exercise, grade
 from vlm_course.grading.extract import ERRORS_KEY
 
 
@@ -35,3 +38,32 @@ def run_learner(what: str, fn, *args):
         raise AssertionError(f"{what}: not implemented yet ({err})") from err
     except Exception as err:  # noqa: BLE001
         raise AssertionError(f"{what} raised {type(err).__name__}: {err}") from err
+
+
+def explain(namespace: dict, names: tuple[str, ...], failure: str) -> str:
+    """An end-to-end failure, explained: the check line of each of the learner's pieces that fails its own
+    check (with its hint), then what the end-to-end test saw."""
+    lines = []
+    for name in names:
+        if name in namespace:
+            report = grade(get_exercise(name), namespace[name])
+            if not report.passed:
+                lines.append(report.line())
+    if not lines:
+        lines.append(f"your {', '.join(names)} each pass their own check, but together they do not: "
+                     "look at how they are called here (shapes, dtypes, argument order)")
+    return "\n".join([*lines, f"(end to end: {failure.strip().splitlines()[0] if failure.strip() else 'failed'})"])
+
+
+def explained(*names: str):
+    """Decorate an end-to-end test (whose first argument is the `notebook` fixture): when it fails, the
+    message starts with the hints of the pieces `names` that fail their own checks."""
+    def wrap(test):
+        @functools.wraps(test)
+        def run(notebook, *args, **kwargs):
+            try:
+                return test(notebook, *args, **kwargs)
+            except AssertionError as err:
+                raise AssertionError(explain(notebook, names, str(err))) from None
+        return run
+    return wrap

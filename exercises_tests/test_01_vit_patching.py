@@ -6,7 +6,7 @@ vlm_course/grading/exercises/l01_vit_patching.py (the same checks the notebook's
 
 import pytest
 import torch
-from grading_helpers import assert_exercise_passes, learner_object, lesson_exercises, run_learner
+from grading_helpers import assert_exercise_passes, explained, learner_object, lesson_exercises, run_learner
 
 from vlm_course.config import VisionConfig
 from vlm_course.grading.inputs import randn, randomised
@@ -20,6 +20,7 @@ def test_vit_patching(notebook, exercise):
     assert_exercise_passes(notebook, exercise)
 
 
+@explained("patchify", "conv_to_linear", "scaled_dot_product_attention", "multi_head_attention", "ViTBlock")
 def test_vit_patching_end_to_end(notebook):
     """Your pieces, assembled, are a whole ViT: patchify -> linear patch embedding -> + positions -> your blocks
     -> final LayerNorm must reproduce vlm_course's VisionEncoder on a non-trivial (random-weight) encoder."""

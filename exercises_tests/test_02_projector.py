@@ -6,7 +6,7 @@ vlm_course/grading/exercises/l02_projector.py (the same checks the notebook's ch
 
 import pytest
 import torch
-from grading_helpers import assert_exercise_passes, learner_object, lesson_exercises, run_learner
+from grading_helpers import assert_exercise_passes, explained, learner_object, lesson_exercises, run_learner
 
 from vlm_course.config import ProjectorConfig, VisionConfig
 from vlm_course.grading.inputs import randn, randomised
@@ -21,6 +21,7 @@ def test_projector(notebook, exercise):
     assert_exercise_passes(notebook, exercise)
 
 
+@explained("pixel_shuffle", "image_tokens", "Projector")
 def test_projector_end_to_end(notebook):
     """Image -> ViT -> your Projector gives exactly the reference's image tokens, and as many as your
     image_tokens() predicts."""

@@ -7,7 +7,7 @@ vlm_course/grading/exercises/l03_decoder.py (the same checks the notebook's chec
 
 import pytest
 import torch
-from grading_helpers import assert_exercise_passes, learner_object, lesson_exercises, run_learner
+from grading_helpers import assert_exercise_passes, explained, learner_object, lesson_exercises, run_learner
 
 from vlm_course.config import DecoderConfig
 from vlm_course.decoder import Decoder, generate, sample_next_token
@@ -34,6 +34,7 @@ def test_decoder(notebook, exercise):
     assert_exercise_passes(notebook, exercise)
 
 
+@explained("rms_norm", "rope_cos_sin", "apply_rope", "grouped_query_attention", "swiglu")
 def test_decoder_end_to_end(notebook):
     """Your rms_norm, rope_cos_sin, apply_rope, grouped_query_attention and swiglu, assembled into a whole
     decoder, reproduce vlm_course's Decoder logits (9 query / 3 KV heads, batch 2, random weights)."""
@@ -61,6 +62,7 @@ def test_decoder_end_to_end(notebook):
                                msg=lambda m: f"your assembled decoder differs from vlm_course's Decoder: {m}")
 
 
+@explained("KVCache", "sampling_probs")
 def test_generation_with_your_cache_and_sampling(notebook):
     """Token-by-token generation through your KVCache, picking tokens with your sampling_probs, gives exactly
     the library's tokens: greedy, and sampled with the same random generator (temperature, top-k, top-p)."""

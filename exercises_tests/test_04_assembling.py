@@ -6,7 +6,7 @@ vlm_course/grading/exercises/l04_assembling.py (the same checks the notebook's c
 
 import pytest
 import torch
-from grading_helpers import assert_exercise_passes, learner_object, lesson_exercises, run_learner
+from grading_helpers import assert_exercise_passes, explained, learner_object, lesson_exercises, run_learner
 from PIL import Image
 
 from vlm_course.grading.inputs import randomised
@@ -21,6 +21,7 @@ def test_assembling(notebook, exercise):
     assert_exercise_passes(notebook, exercise)
 
 
+@explained("splice_image_features", "make_labels", "answer_loss")
 def test_assembling_end_to_end(notebook):
     """On a real processor batch (batch 3: one image, two images, none) and a tiny random VLM, your make_labels
     gives the processor's labels, and your splice + answer_loss give exactly the model's own loss."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from grading_helpers import assert_exercise_passes, learner_object, lesson_exercises, run_learner
+from grading_helpers import assert_exercise_passes, explained, learner_object, lesson_exercises, run_learner
 
 from vlm_course.grading.inputs import randn, randomised
 
@@ -21,6 +21,7 @@ def test_training(notebook, exercise):
     assert_exercise_passes(notebook, exercise)
 
 
+@explained("collate_batch")
 def test_training_collate_matches_the_processor_on_real_rows(notebook):
     """Your collate_batch on real mini-cauldron conversations (one- and two-turn, several subsets) gives exactly
     the processor's padded input_ids, attention_mask and answer-only labels."""
@@ -41,6 +42,7 @@ def test_training_collate_matches_the_processor_on_real_rows(notebook):
         assert torch.equal(got[key], expected[key]), f"{key} differs from VLMProcessor.pad's on real conversations"
 
 
+@explained("quantize_nf4", "dequantize_nf4", "LoRALinear")
 def test_training_qlora_layer_end_to_end(notebook):
     """Your LoRALinear over a base that runs on your NF4 weights equals bitsandbytes Linear4bit (NF4) wrapped by
     peft's LoRA layer, with the same adapter weights: forward and the gradients that reach the adapters."""
@@ -94,6 +96,7 @@ def test_training_qlora_layer_end_to_end(notebook):
                                    msg=lambda m, name=name: f"the gradient of {name} differs from peft's: {m}")
 
 
+@explained("param_groups")
 def test_training_param_groups_drive_adamw_like_the_library(notebook):
     """One AdamW step with your groups moves a QLoRA-recipe model exactly as the library's optimiser does."""
     from vlm_course import training

@@ -5,7 +5,7 @@ vlm_course/grading/exercises/l06_evaluation.py (the same checks the notebook's c
 """
 
 import pytest
-from grading_helpers import assert_exercise_passes, learner_object, lesson_exercises, run_learner
+from grading_helpers import assert_exercise_passes, explained, learner_object, lesson_exercises, run_learner
 
 from vlm_course import evaluation
 
@@ -25,6 +25,7 @@ def test_evaluation(notebook, exercise):
     assert_exercise_passes(notebook, exercise)
 
 
+@explained("normalize_answer", "vqa_accuracy", "mmstar_match", "levenshtein", "anls")
 def test_evaluation_scores_a_small_run_like_the_library(notebook):
     """Your three metrics, averaged over a handful of answers, give the library's dataset-level scores."""
     vqa, mc, anls = (learner_object(notebook, n) for n in ("vqa_accuracy", "mmstar_match", "anls"))

@@ -5,7 +5,7 @@ vlm_course/grading/exercises/l07_deployment.py (the same checks the notebook's c
 """
 
 import pytest
-from grading_helpers import assert_exercise_passes, learner_object, lesson_exercises, run_learner
+from grading_helpers import assert_exercise_passes, explained, learner_object, lesson_exercises, run_learner
 
 from vlm_course.config import get_profile
 from vlm_course.deploy import ORIN_NANO_8GB, decode_roofline, estimate_memory
@@ -19,6 +19,7 @@ def test_deployment(notebook, exercise):
     assert_exercise_passes(notebook, exercise)
 
 
+@explained("weights_bytes", "decoder_parameters", "kv_cache_bytes", "decode_tokens_per_second")
 def test_budget_of_a_real_module_and_the_orin_nano(notebook):
     """Your counts match a real decoder's tensors, and your budget pieces add up to estimate_memory's and
     decode_roofline's figures for the tiny profile's decoder and for nanoVLM's SmolLM2 on an Orin Nano."""

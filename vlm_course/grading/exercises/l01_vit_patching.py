@@ -233,6 +233,9 @@ def _attention_case(hidden, heads, batch, tokens, seed, dtype=torch.float32):
     return inputs
 
 
+_SPLIT_HINT = ("heads split with a plain reshape to (B, heads, N, head_dim), which mixes tokens into heads - "
+               "view as (B, N, heads, head_dim), then transpose(1, 2) (and transpose back before merging)")
+
 register(Exercise(
     name="multi_head_attention", lesson=LESSON, reference=multi_head_attention,
     description="split into heads, attend, merge, project", uses=("scaled_dot_product_attention",),
@@ -242,9 +245,11 @@ register(Exercise(
         Case("float64, batch 2, 6 tokens, width 32, 4 heads", _attention_case(32, 4, 2, 6, 33, torch.float64)),
     ],
     mutants=[
-        Mutant("split_without_transpose", functools.partial(_mha_variant, split_ok=False),
-               "heads split with a plain reshape to (B, heads, N, head_dim), which mixes tokens into heads - "
-               "view as (B, N, heads, head_dim), then transpose(1, 2)"),
+        Mutant("split_without_transpose", functools.partial(_mha_variant, split_ok=False), _SPLIT_HINT),
+        # The same mistake, undone the same way on the way out: reshape to (B, heads, N, hd), merge with a plain
+        # reshape back to (B, N, D). Consistent, and still wrong: the heads saw mixed-up tokens.
+        Mutant("split_and_merge_by_reshape", functools.partial(_mha_variant, split_ok=False, merge_ok=False),
+               _SPLIT_HINT),
         Mutant("merge_without_transpose", functools.partial(_mha_variant, merge_ok=False),
                "heads merged without transposing back - (B, heads, N, hd).transpose(1, 2) before reshaping to (B, N, D)"),
         Mutant("no_out_proj", functools.partial(_mha_variant, project=False),

@@ -138,6 +138,24 @@ def vqa_not_normalised(prediction, answers):
     return sum(scores) / len(scores)
 
 
+def vqa_gold_not_normalised(prediction, answers):
+    """Normalises the prediction only: VQAv2's own files hold normalised answers, raw gold answers do not."""
+    gold = [answers] if isinstance(answers, str) else list(answers)
+    predicted = ev.normalize_answer(prediction)
+    if len(gold) == 1:
+        return float(predicted == gold[0])
+    scores = [min(1.0, sum(a == predicted for j, a in enumerate(gold) if j != i) / 3) for i in range(len(gold))]
+    return sum(scores) / len(scores)
+
+
+def vqa_prediction_not_normalised(prediction, answers):
+    gold = _gold(answers)
+    if len(gold) == 1:
+        return float(prediction == gold[0])
+    scores = [min(1.0, sum(a == prediction for j, a in enumerate(gold) if j != i) / 3) for i in range(len(gold))]
+    return sum(scores) / len(scores)
+
+
 def _humans(*counts: tuple[str, int]) -> list[str]:
     return [answer for answer, n in counts for _ in range(n)]
 
@@ -150,11 +168,16 @@ register(Exercise(
         Case("10 answers, 3 humans agree", lambda: ("2", _humans(("2", 3), ("3", 7)))),
         Case("10 answers, 5 humans agree", lambda: ("red", _humans(("red", 5), ("maroon", 5)))),
         Case("10 answers, nobody agrees", lambda: ("blue", _humans(("red", 6), ("maroon", 4)))),
+        Case("'Yes' against 3 humans who wrote 'Yes', 2 'yes' and 5 'no' (normalise both sides)",
+             lambda: ("Yes", _humans(("Yes", 3), ("yes", 2), ("no", 5)))),
         Case("'Two' against two humans who wrote '2' (normalise both sides)",
              lambda: ("Two", _humans(("2", 2), ("3", 8)))),
+        Case("'2' against 3 humans who wrote 'Two' and 7 'three' (the gold answers need normalising too)",
+             lambda: ("2", _humans(("Two", 3), ("three", 7)))),
         Case("one gold answer as a string: 'Yes.' vs 'yes'", lambda: ("Yes.", "yes")),
         Case("one gold answer in a list: 'no' vs ['yes']", lambda: ("no", ["yes"])),
         Case("one gold answer in a list: 'a dog' vs ['dog']", lambda: ("a dog", ["dog"])),
+        Case("one raw gold answer: 'yes' vs ['Yes.']", lambda: ("yes", ["Yes."])),
         Case("5 answers, 3 agree", lambda: ("left", _humans(("left", 3), ("right", 2)))),
     ],
     mutants=[
@@ -168,6 +191,12 @@ register(Exercise(
                "with a single gold answer, leave-one-out leaves nobody and scores 0: use exact match there"),
         Mutant("not_normalised", vqa_not_normalised,
                "answers were compared without normalize_answer - normalise the prediction and every gold answer"),
+        Mutant("gold_not_normalised", vqa_gold_not_normalised,
+               "the gold answers were not normalised: 'Two' or 'Yes.' written by a human must match the prediction "
+               "'2' or 'yes' - pass every gold answer through normalize_answer too, not only the prediction"),
+        Mutant("prediction_not_normalised", vqa_prediction_not_normalised,
+               "the prediction was not normalised: 'Yes' or 'Two' from the model must match 'yes' or '2' - pass the "
+               "prediction through normalize_answer too, not only the gold answers"),
     ],
 ))
 
