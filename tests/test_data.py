@@ -24,6 +24,9 @@ from vlm_course.data.synthetic import (
     COLOURS,
     LETTERS,
     PALETTE,
+    POSITION_MARGIN,
+    POSITION_QUESTIONS,
+    POSITIONS,
     RELATION_PHRASES,
     SHAPES,
     SPLIT_SEEDS,
@@ -33,6 +36,7 @@ from vlm_course.data.synthetic import (
     WORDS,
     generate,
     generate_mix,
+    position_of,
     write_parquet,
 )
 
@@ -176,6 +180,14 @@ def check_box(image, question, answer):
     assert np.abs(measured - given).max() <= 35, f"{question!r}: answer {given}, pixels say {measured.round()}"
 
 
+def check_position(image, question, answer):
+    """position: the cell of the referenced object's pixel box centre (a triangle's mass centroid sits low)."""
+    (ref,) = references(question)
+    part = find_object(image, *ref)
+    cx, cy = (part[:, 1].min() + part[:, 1].max() + 1) / 2, (part[:, 0].min() + part[:, 0].max() + 1) / 2
+    assert position_of(cx, cy, image.size[0]) == answer, f"{question!r} -> {answer!r}; pixels centre ({cx}, {cy})"
+
+
 def parse_mc(question, letter):
     lines = question.split("\n")
     options = dict(line.split(". ", 1) for line in lines if re.match(r"^[A-D]\. ", line))
@@ -195,6 +207,8 @@ def check_row(subset, row):
             check_spatial(image, question, answer)
         elif subset == "grounding":
             check_box(image, question, answer)
+        elif subset == "position":
+            check_position(image, question, answer)
         elif subset == "mc":
             stem, option, _ = parse_mc(question, answer)
             (check_count if option.isdigit() else check_attribute)(image, stem, option)
@@ -228,6 +242,7 @@ def test_rows_have_cauldron_schema_and_canonical_answers(samples, subset):
         "spatial": {"yes", "no"},
         "ocr": set(WORDS),
         "mc": set(LETTERS),
+        "position": set(POSITIONS),
     }
     for row in samples[subset]:
         assert set(row) == {"images", "texts"}
@@ -272,6 +287,10 @@ def test_pixel_checks_catch_wrong_answers(samples):
     row = samples["grounding"][0]
     with pytest.raises(AssertionError):
         check_box(row["images"][0], row["texts"][0]["user"], "[0, 0, 1000, 1000]")
+    row = samples["position"][0]
+    moved = POSITIONS[(POSITIONS.index(row["texts"][0]["assistant"]) + 1) % 9]
+    with pytest.raises(AssertionError):
+        check_position(row["images"][0], row["texts"][0]["user"], moved)
 
 
 def test_generation_is_deterministic_per_subset_and_seed():
@@ -341,6 +360,120 @@ def test_gallery_draws_every_row():
         assert "A: " + row["texts"][0]["assistant"] in captions
     with pytest.raises(ValueError):
         synthetic.gallery([])
+
+
+# -----------------------------------------------------------------------------
+# position: absolute position in a 3 x 3 grid
+
+
+def generate_with_scenes(n, seed, image_size=64):
+    """generate("position", ...) rows, each with the objects the generator drew (recorded at render time)."""
+    drawn, render = [], synthetic.render
+
+    def recording_render(rng, size, shapes=(), text=None):
+        drawn.append(list(shapes))
+        return render(rng, size, shapes, text)
+
+    synthetic.render = recording_render
+    try:
+        rows = generate("position", n, seed=seed, image_size=image_size)
+    finally:
+        synthetic.render = render
+    return list(zip(rows, drawn))
+
+
+def referenced(shapes, question):
+    (ref,) = references(question)
+    matches = [s for s in shapes if ref[0] in (None, s.colour) and ref[1] in (None, s.shape)]
+    assert len(matches) == 1, f"{question!r} refers to {len(matches)} of {shapes}"
+    return matches[0]
+
+
+def test_position_of_names_the_grid_cells():
+    assert POSITIONS == ("top left", "top", "top right", "left", "center", "right",
+                         "bottom left", "bottom", "bottom right")
+    thirds = (10, 32, 54)  # one point per column / row of a 64 px image
+    assert [position_of(x, y, 64) for y in thirds for x in thirds] == list(POSITIONS)
+    assert position_of(21.2, 42.6, 64) == "left" and position_of(21.4, 42.7, 64) == "bottom"
+    assert position_of(0, 0, 64) == "top left" and position_of(64, 64, 64) == "bottom right"  # edges clamp
+    assert position_of(150, 150, 300) == "center" and position_of(150, 50, 300) == "top"
+
+
+def test_position_scene_puts_the_target_in_the_asked_cell():
+    rng = np.random.default_rng(0)
+    for size in (48, 64, 96):
+        for answer in POSITIONS * 10:
+            shapes = synthetic._position_scene(rng, size, answer)
+            assert 1 <= len(shapes) <= 4
+            assert position_of(shapes[0].cx, shapes[0].cy, size) == answer
+            assert all(0 <= v <= size for s in shapes for v in s.box)
+            assert all(0.2 * size - 1e-9 <= s.size <= 0.3 * size + 1e-9 for s in shapes if 0.2 * size >= 10)
+
+
+@pytest.fixture(scope="module")
+def position_scenes():
+    return generate_with_scenes(200, seed=5)
+
+
+def test_position_generation_is_deterministic():
+    first = [(pixel_hash(r["images"][0]), r["texts"]) for r in generate("position", 20, seed=4)]
+    assert first == [(pixel_hash(r["images"][0]), r["texts"]) for r in generate("position", 20, seed=4)]
+    assert first != [(pixel_hash(r["images"][0]), r["texts"]) for r in generate("position", 20, seed=8)]
+
+
+def test_position_answers_are_exactly_balanced():
+    first_turns = Counter(row["texts"][0]["assistant"] for row in generate("position", 90, seed=2))
+    assert first_turns == dict.fromkeys(POSITIONS, 10)
+
+
+def test_position_answers_are_true_of_the_referenced_object(position_scenes):
+    for size, scenes in ((64, position_scenes), (48, generate_with_scenes(30, 6, 48)), (96, generate_with_scenes(30, 7, 96))):
+        for row, shapes in scenes:
+            for turn in row["texts"]:
+                assert turn["assistant"] in POSITIONS
+                target = referenced(shapes, turn["user"])
+                assert position_of(target.cx, target.cy, size) == turn["assistant"], (turn, target)
+            if len(row["texts"]) == 2:  # the follow-up asks about another object
+                assert referenced(shapes, row["texts"][0]["user"]) is not referenced(shapes, row["texts"][1]["user"])
+
+
+def test_position_centres_are_clear_of_the_boundaries_one_object_per_cell(position_scenes):
+    margin = POSITION_MARGIN * 64
+    assert margin == 3
+    sizes = Counter()
+    for _row, shapes in position_scenes:
+        sizes[len(shapes)] += 1
+        for s in shapes:
+            for v in (s.cx, s.cy):
+                assert min(abs(v - 64 / 3), abs(v - 128 / 3)) >= margin, s
+        cells = [position_of(s.cx, s.cy, 64) for s in shapes]
+        assert len(set(cells)) == len(cells), cells
+        assert len({s.colour for s in shapes}) == len({s.shape for s in shapes}) == len(shapes)  # unique refs
+    assert set(sizes) == {1, 2, 3, 4}
+
+
+def test_position_phrasing_and_conversations(position_scenes):
+    patterns = {t: re.escape(t).replace(r"\{ref\}", "(.+)") for t in POSITION_QUESTIONS}
+    templates = set()
+    for row, _shapes in position_scenes:
+        for turn in row["texts"]:
+            matching = [t for t, pattern in patterns.items() if re.fullmatch(pattern, turn["user"])]
+            assert len(matching) == 1, turn["user"]
+            templates.add(matching[0])
+    assert len(templates) >= 5
+    two_turns = sum(len(row["texts"]) == 2 for row, _ in position_scenes)
+    assert 30 <= two_turns <= 70, f"{two_turns} of 200 rows have a second turn; about a quarter expected"
+    kinds = {(c is not None, k is not None) for row, _ in position_scenes for c, k in references(row["texts"][0]["user"])}
+    assert kinds == {(True, True), (True, False), (False, True)}  # "red circle", "red object", "circle"
+
+
+def test_committed_position_parquet_is_byte_identical_to_a_regeneration(tmp_path):
+    for split, n in (("test", TEST_SIZE), ("train", TRAIN_SIZES["position"])):
+        fresh = write_parquet(generate("position", n, seed=SPLIT_SEEDS[split]), tmp_path / f"{split}.parquet")
+        assert fresh.read_bytes() == (ASSETS / "position" / f"{split}.parquet").read_bytes(), (
+            f"position/{split}.parquet differs; regenerate: python -m vlm_course.data.synthetic "
+            "--out assets/mini_cauldron --subsets position"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -567,8 +700,9 @@ def test_load_report_summary_and_merge():
 def test_load_mini_cauldron_reads_the_committed_assets(capsys):
     rows = load_mini_cauldron("test", max_per_subset=4)
     assert Counter(r["source"] for r in rows) == dict.fromkeys(SUBSETS, 4)
-    assert rows.report.kept == 24 and not rows.report.skipped
-    assert "kept 24 of 24 rows" in capsys.readouterr().out
+    n = 4 * len(SUBSETS)
+    assert rows.report.kept == n and not rows.report.skipped
+    assert f"kept {n} of {n} rows" in capsys.readouterr().out
     first_shapes = next(r for r in rows if r["source"] == "shapes")
     assert first_shapes["texts"] == generate("shapes", 1, seed=SPLIT_SEEDS["test"])[0]["texts"]
 

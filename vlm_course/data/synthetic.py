@@ -6,7 +6,7 @@ Every row looks like a row of HuggingFaceM4/the_cauldron:
      "texts": [{"user": "What colour is the triangle?", "assistant": "red", "source": "synthetic-shapes"},
                ...]}                     # several turns = a conversation about the same image
 
-Six subsets mimic the kinds of data a VLM is trained on:
+Seven subsets mimic the kinds of data a VLM is trained on:
 
     shapes     colour / shape questions          (clevr, vqav2)
     count      "How many squares are there?"     (tallyqa)
@@ -14,8 +14,9 @@ Six subsets mimic the kinds of data a VLM is trained on:
     ocr        one rendered word                 (rendered_text)
     mc         lettered multiple choice          (ai2d, MMStar)
     grounding  boxes written as text, 0-1000     (Vary-toy)
+    position   "top left" ... "bottom right"     (absolute position in a 3 x 3 grid)
 
-Answers are short canonical strings (a lower-case word, a digit, a letter or a box) so that exact match
+Answers are short canonical strings (a lower-case word or two, a digit, a letter or a box) so that exact match
 is a fair metric. Generation is deterministic: each (subset, seed) pair seeds its own numpy Generator,
 nothing touches global random state, and the fonts come from installed packages (Pillow's default font
 and matplotlib's DejaVu fonts), never from system paths that may be absent.
@@ -61,6 +62,10 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 RELATIONS = ("left", "right", "above", "below")
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 MAX_COUNT = 5
+# The cells of a 3 x 3 grid of equal cells, row by row (top, middle, bottom; left, middle, right).
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+# No object's centre lies closer than this (a fraction of the image side: 3 px at 64 px) to a cell boundary.
+POSITION_MARGIN = 3 / 64
 
 # ~100 common English words of 3-5 letters for the OCR subset.
 WORDS = (
@@ -73,11 +78,13 @@ WORDS = (
     "wind year zoo"
 ).split()
 
-SUBSETS = ("shapes", "count", "spatial", "ocr", "mc", "grounding")
+# New subsets go at the end: each subset has its own rng stream, so the others' rows stay unchanged.
+SUBSETS = ("shapes", "count", "spatial", "ocr", "mc", "grounding", "position")
 
 # Committed mini-cauldron: the train and held-out test splits come from different seeds.
 SPLIT_SEEDS = {"train": 0, "test": 1}
-TRAIN_SIZES = {"shapes": 2000, "count": 2000, "spatial": 2000, "mc": 2000, "ocr": 1000, "grounding": 1000}
+TRAIN_SIZES = {"shapes": 2000, "count": 2000, "spatial": 2000, "mc": 2000, "ocr": 1000, "grounding": 1000,
+               "position": 2000}
 TEST_SIZE = 200
 
 MC_INSTRUCTION = "Answer with the option's letter."
@@ -129,6 +136,14 @@ GROUNDING_QUESTIONS = (
     "Locate the {ref}.",
     "Find the {ref}.",
     "What is the position of the {ref}?",
+)
+POSITION_QUESTIONS = (
+    "In which part of the image is the {ref}?",
+    "Where in the image is the {ref}?",
+    "Which part of the picture holds the {ref}?",
+    "In what region of the image is the {ref}?",
+    "Where is the {ref} located in the image?",
+    "Which region of the image contains the {ref}?",
 )
 
 # -----------------------------------------------------------------------------
@@ -427,6 +442,72 @@ def _grounding(rng, image_size, i, state):
     return render(rng, image_size, shapes), [(question, box_text(target, image_size))]
 
 
+def position_of(cx: float, cy: float, image_size: int) -> str:
+    """The POSITIONS word of the grid cell holding the point (cx, cy), in pixels of an image_size image."""
+    col, row = (min(max(int(3 * v / image_size), 0), 2) for v in (cx, cy))
+    return POSITIONS[3 * row + col]
+
+
+def _clear_of_boundaries(v: float, image_size: int) -> bool:
+    margin = POSITION_MARGIN * image_size
+    return all(abs(v - line) >= margin for line in (image_size / 3, 2 * image_size / 3))
+
+
+def _position_layout_ok(shapes, image_size: int) -> bool:
+    """Every centre clear of the cell boundaries, and at most one object per cell."""
+    cells = [position_of(s.cx, s.cy, image_size) for s in shapes]
+    clear = all(_clear_of_boundaries(s.cx, image_size) and _clear_of_boundaries(s.cy, image_size) for s in shapes)
+    return clear and len(set(cells)) == len(cells)
+
+
+POSITION_SIZES = (0.2, 0.3)  # object side as a fraction of the image side, as in the spatial subset
+
+
+def _in_cell(rng, spec, cell: int, size: float, image_size: int) -> Shape:
+    """An object of side `size` whose centre lies in grid cell `cell` (an index into POSITIONS), clear of the
+    cell's boundaries and with the whole object inside the image."""
+    margin = POSITION_MARGIN * image_size
+    centre = []
+    for k in reversed(divmod(cell, 3)):  # column, then row
+        low = max(k * image_size / 3 + margin, size / 2 + 1)
+        high = min((k + 1) * image_size / 3 - margin, image_size - size / 2 - 1)
+        centre.append(float(rng.uniform(low, high)))
+    return Shape(*spec, centre[0], centre[1], size)
+
+
+def _position_scene(rng, image_size, answer):
+    """1-4 distinct objects, each alone in its grid cell with its centre clear of the cell boundaries;
+    shapes[0], the target, is in the cell `answer` names."""
+    specs = _distinct_specs(rng, int(rng.integers(1, 5)))
+    target = POSITIONS.index(answer)
+    cells = [target] + [int(c) for c in rng.permutation([c for c in range(9) if c != target])[: len(specs) - 1]]
+    # Each object is drawn inside its own cell: a random layout (as `place` draws) meets these rules too
+    # rarely, e.g. 1 try in 130 for four objects around a central target.
+    lo, hi = (max(f * image_size, MIN_OBJECT_PX) for f in POSITION_SIZES)
+    for attempt in range(400):
+        if attempt and attempt % 100 == 0 and len(specs) > 1:  # crowded (small images): one object fewer
+            specs, cells = specs[:-1], cells[:-1]
+        shapes = [_in_cell(rng, spec, cell, float(rng.uniform(lo, hi)), image_size) for spec, cell in zip(specs, cells)]
+        if all(_apart(a, b, 2.0) for j, a in enumerate(shapes) for b in shapes[j + 1:]):
+            assert _position_layout_ok(shapes, image_size) and position_of(shapes[0].cx, shapes[0].cy, image_size) == answer
+            return shapes
+    raise RuntimeError(f"could not place {len(specs)} shapes in a {image_size} px image; use a larger image_size")
+
+
+def _position_question(rng, s: Shape) -> str:
+    return _pick(rng, POSITION_QUESTIONS).format(ref=_describe(rng, s))
+
+
+def _position(rng, image_size, i, state):
+    answer = _balanced(rng, state, "position", POSITIONS, i)
+    shapes = _position_scene(rng, image_size, answer)
+    qa = [(_position_question(rng, shapes[0]), answer)]
+    if len(shapes) > 1 and rng.random() < 1 / 3:  # ~a quarter of all rows: a second object of the same image
+        other = shapes[1 + int(rng.integers(len(shapes) - 1))]
+        qa.append((_position_question(rng, other), position_of(other.cx, other.cy, image_size)))
+    return render(rng, image_size, shapes), qa
+
+
 def _balanced(rng, state: dict, key: str, values, i: int):
     """Answers in shuffled blocks that hold each value once: exactly balanced every len(values) rows."""
     values = list(values)
@@ -442,6 +523,7 @@ GENERATORS = {
     "ocr": _ocr,
     "mc": _mc,
     "grounding": _grounding,
+    "position": _position,
 }
 assert tuple(GENERATORS) == SUBSETS
 
@@ -579,9 +661,10 @@ def build(out: str | Path, train_sizes: dict[str, int] | None = None, test_size:
             path = write_parquet(rows, out / subset / f"{split}.parquet")
             written[str(path)] = len(rows)
     if with_gallery:
-        # Two held-out rows per subset; the same seed as the test split, so the figure shows test data.
-        rows = [row for subset in SUBSETS for row in generate(subset, 2, SPLIT_SEEDS["test"], image_size)]
-        fig = gallery(rows, ncols=6)
+        # Two held-out rows per subset, one column per subset; the test split's seed, so it shows test data.
+        pairs = [generate(subset, 2, SPLIT_SEEDS["test"], image_size) for subset in SUBSETS]
+        rows = [pair[k] for k in range(2) for pair in pairs]
+        fig = gallery(rows, ncols=len(SUBSETS))
         fig.savefig(out / "gallery.png", metadata={"Software": None})  # no version string: stable bytes
         written[str(out / "gallery.png")] = len(rows)
     return written
