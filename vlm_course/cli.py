@@ -32,9 +32,25 @@ def main(argv: list[str] | None = None) -> int:
         for verb, (_, _, help_text) in VERBS.items():
             print(f"  {verb:8s} {help_text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    problem = _profile_env_problem(argv)
+    if problem:
+        print(f"{argv[0]}: {problem}", file=sys.stderr)
+        return 2
     module_name, function_name, _ = VERBS[argv[0]]
     function = getattr(importlib.import_module(module_name), function_name)
     return int(function(argv[1:]) or 0)
+
+
+def _profile_env_problem(argv: list[str]) -> str | None:
+    """What is wrong with VLM_COURSE_PROFILE for a verb that reads it (and no --profile overrides it), or None."""
+    from .config import PROFILES
+
+    name = os.environ.get("VLM_COURSE_PROFILE")
+    overridden = any(a == "--profile" or a.startswith("--profile=") for a in argv[1:])
+    if not name or name in PROFILES or overridden or argv[0] not in ("train", "eval", "doctor"):
+        return None
+    return (f"VLM_COURSE_PROFILE={name!r} is not a profile: set it to one of {sorted(PROFILES)} "
+            "(e.g. export VLM_COURSE_PROFILE=tiny), or unset it to let the hardware choose")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +112,11 @@ def doctor_main(argv: list[str] | None = None) -> int:
     for package in PACKAGES:
         print(f"{package:13s} {_version(package)}")
     print(f"device        {_device_line()}")
-    profile = get_profile()
+    try:
+        profile = get_profile()
+    except ValueError as err:  # VLM_COURSE_PROFILE set to a name that is no profile
+        print(f"doctor: {err}", file=sys.stderr)
+        return 2
     print(f"profile       {profile.name}: {profile.description}  (set VLM_COURSE_PROFILE=tiny|smol|nano)")
     print(f"offline       {'yes' if is_offline() else 'no (the hub will be tried first)'}")
     print(f"cache         {cache_dir()}")

@@ -1045,7 +1045,8 @@ def _load_eval_rows(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str
 
     split = args.split or "test"
     subsets = [name.strip() for name in args.subsets.split(",") if name.strip()] if args.subsets else None
-    rows = load_mini_cauldron(split, subsets=subsets, max_per_subset=args.limit, verbose=False)
+    rows = load_mini_cauldron(split, subsets=subsets, max_per_subset=args.limit, verbose=False,
+                              min_image_size=getattr(args, "min_image_size", 1))
     return list(rows), f"mini-cauldron {split}"
 
 
@@ -1055,8 +1056,17 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.mmstar and args.subsets:
         parser.error("--subsets chooses mini-cauldron subsets; MMStar has none (use --limit to evaluate fewer)")
+    from .training import writable_folder_error
+    from .weights import apply_offline_env
+
+    apply_offline_env()
+    out_problem = writable_folder_error(Path(args.out), "--out")  # before the evaluation, not after it
+    if out_problem:
+        print(f"eval: {out_problem}", file=sys.stderr)
+        return 2
     try:
         model, processor, model_name = _load_eval_model(args)
+        args.min_image_size = model.config.vision.patch_size  # smaller images: skipped and counted, not a crash
         rows, data_name = _load_eval_rows(args)
     except (FileNotFoundError, ValueError, RuntimeError) as error:  # a wrong path or name, or no network
         print(f"eval: {error}", file=sys.stderr)

@@ -110,6 +110,20 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        for name in ("lr_projector", "lr_vision", "lr_decoder", "lr_lora", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}: a negative learning rate or weight "
+                                 "decay climbs the loss instead of descending it (typical: lr 1e-4 to 2e-3, "
+                                 "weight_decay 0.01)")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None: no clipping), got {self.max_grad_norm}")
+        if self.neftune_alpha is not None and not self.neftune_alpha >= 0:
+            raise ValueError(f"neftune_alpha must be >= 0 (or None: no noise), got {self.neftune_alpha}")
         self.lora_targets, self.vision_lora_targets = tuple(self.lora_targets), tuple(self.vision_lora_targets)
 
     def to_dict(self) -> dict:
@@ -551,35 +565,119 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, trainer_
     return final
 
 
+def _damaged(path: Path, what: str) -> ValueError:
+    """The error for a checkpoint that cannot be read, with the way out: an earlier checkpoint, or a new run."""
+    earlier = [d for d in checkpoint_dirs(path.parent) if d.name < path.name]
+    fix = (f"delete {path} (or move it away) to resume from {earlier[-1]}" if earlier else
+           "there is no earlier checkpoint: start a new run in another output folder (CLI: another --output)")
+    return ValueError(f"checkpoint {path} is damaged: {what}. Fix: {fix}")
+
+
+def read_trainer_state(path) -> dict:
+    """trainer_state.json of a checkpoint, checked (a damaged file is named, with what to do)."""
+    path = Path(path)
+    file = path / "trainer_state.json"
+    if not file.exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+    try:
+        state = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _damaged(path, f"{file.name} is not valid JSON ({err})") from err
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise _damaged(path, f"{file.name} has no integer 'step'")
+    return state
+
+
+def _read_checkpoint_files(path: Path, with_optimizer: bool) -> tuple[dict, dict | None, dict | None]:
+    """(weights, optimizer+scheduler state, rng state), every file checked before anything is changed."""
+    file = path / "trainable.safetensors"
+    if not file.exists():
+        raise _damaged(path, f"{file.name} is missing")
+    try:
+        weights = load_file(file)
+    except Exception as err:  # safetensors' own error types for a truncated or foreign file
+        raise _damaged(path, f"{file.name} is not a readable safetensors file ({err})") from err
+    if not with_optimizer:
+        return weights, None, None
+    loaded = []
+    for name, keys in (("optimizer.pt", ("optimizer", "scheduler")), ("rng.pt", ("torch", "python", "numpy"))):
+        file = path / name
+        if not file.exists():
+            raise _damaged(path, f"{name} is missing (the optimiser and RNG state are needed to resume exactly)")
+        try:
+            value = torch.load(file, weights_only=True)
+        except Exception as err:  # truncated zip, foreign pickle refused by weights_only, ...
+            raise _damaged(path, f"{name} is not readable ({type(err).__name__}: {str(err)[:200]})") from err
+        if not isinstance(value, dict) or any(k not in value for k in keys):
+            raise _damaged(path, f"{name} lacks {[k for k in keys if k not in (value or {})]}")
+        loaded.append(value)
+    return weights, loaded[0], loaded[1]
+
+
 def load_checkpoint(path, model, optimizer=None, scheduler=None, distributed: DistContext | None = None) -> dict:
     """Restore trainable weights (+ optimiser, scheduler, RNG when given); returns the trainer state.
-    Checkpoints hold full tensors whatever wrote them; under FSDP each process keeps its shards of them."""
+    Checkpoints hold full tensors whatever wrote them; under FSDP each process keeps its shards of them.
+    Every file is read and checked first: a damaged or mismatching checkpoint raises and changes nothing."""
     path = Path(path)
-    if not (path / "trainer_state.json").exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
-    with open(path / "trainer_state.json") as f:
-        state = json.load(f)
-    weights = load_file(path / "trainable.safetensors")
+    state = read_trainer_state(path)
+    weights, saved, rng = _read_checkpoint_files(path, with_optimizer=optimizer is not None)
     params = dict(model.named_parameters())
     wanted = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != wanted:
         missing, extra = sorted(wanted - set(weights)), sorted(set(weights) - wanted)
         raise ValueError(f"checkpoint {path} does not match the model's trainable parameters (missing {missing[:3]}, "
                          f"unexpected {extra[:3]}): apply the same recipe (TrainConfig) as the run that saved it")
-    saved = torch.load(path / "optimizer.pt", weights_only=True) if optimizer is not None else None
+    wrong = [f"{n}: checkpoint {tuple(t.shape)}, model {tuple(params[n].shape)}" for n, t in weights.items()
+             if tuple(t.shape) != tuple(params[n].shape)]
+    if wrong:
+        raise ValueError(f"checkpoint {path} has other tensor sizes than this model ({len(wrong)} differ, e.g. "
+                         f"{wrong[0]}): a different lora_r (--lora-r) or profile? Resume with the settings of the "
+                         "run that saved it (its trainer_state.json has them under 'config')")
     optimizer_state = saved["optimizer"] if saved else None
     # FSDP loads the full tensors into each process's shards; otherwise copy them in place.
     if distributed is None or not distributed.load_checkpoint_state(weights, optimizer_state, optimizer):
+        if optimizer is not None:
+            try:  # before the weights: a mismatching optimiser state then leaves the model untouched
+                optimizer.load_state_dict(optimizer_state)
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise _damaged(path, f"optimizer.pt does not fit this optimiser ({err})") from err
         with torch.no_grad():
             for name, tensor in weights.items():
                 params[name].copy_(tensor)
-        if optimizer is not None:
-            optimizer.load_state_dict(optimizer_state)
     if saved is not None:
         if scheduler is not None:
             scheduler.load_state_dict(saved["scheduler"])
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        set_rng_state(rng)
     return state
+
+
+# Settings a resumed run may change freely: they do not alter what is computed. batch_size and
+# grad_accum_steps may change with the number of processes as long as the global batch stays the same
+# (DistContext.check_resume). max_steps is applied (the schedule is recomputed) and recorded.
+RESUME_FREE = ("output_dir", "progress", "eval_every", "save_every", "keep_checkpoints", "strategy", "batch_size",
+               "grad_accum_steps")
+RESUME_APPLIED = ("max_steps",)
+
+
+def config_changes(saved: dict, cfg: TrainConfig, path) -> dict[str, tuple]:
+    """{name: (saved, now)} for the settings a resume applies; ValueError for any other difference."""
+    applied, refused = {}, {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name not in saved or field.name in RESUME_FREE:
+            continue
+        before, now = saved[field.name], getattr(cfg, field.name)
+        if isinstance(now, tuple):
+            before = tuple(before) if isinstance(before, (list, tuple)) else before
+        if before != now:
+            (applied if field.name in RESUME_APPLIED else refused)[field.name] = (before, now)
+    if refused:
+        listed = "; ".join(f"{name} (--{name.replace('_', '-')}): {b!r} in the checkpoint, {n!r} now"
+                           for name, (b, n) in refused.items())
+        raise ValueError(
+            f"cannot resume {path} with other settings ({listed}): resuming continues the same run, so use the same "
+            "recipe and settings as the run that saved it (drop or fix these options), or start a new run in another "
+            "output folder (CLI: another --output)")
+    return applied
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,12 +726,14 @@ class Trainer:
         self.step = 0
         self.history: dict[str, list] = {"train": [], "eval": []}
         self.output_dir = Path(cfg.output_dir)
+        self.resumes: list[dict] = []  # each resume: at which step, from where, which settings changed
+        self.owns_output = False  # True once this trainer resumed from or saved into output_dir
 
     # -- state ----------------------------------------------------------------------------------
 
     def state(self) -> dict:
         return {"history": self.history, "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict(),
-                "frozen_fingerprint": self.fingerprint, "world_size": self.dist.world_size}
+                "frozen_fingerprint": self.fingerprint, "world_size": self.dist.world_size, "resumes": self.resumes}
 
     def save(self) -> Path:
         """Rank 0 writes the checkpoint (atomically); the other processes wait until it is in place."""
@@ -645,20 +745,36 @@ class Trainer:
                                     self.state(), keep=self.cfg.keep_checkpoints, weights=weights,
                                     optimizer_state=optimizer_state)
         self.dist.barrier()
+        self.owns_output = True
         return final
 
     def resume(self, path=None) -> bool:
-        """Continue from `path` or the latest checkpoint in output_dir; False when there is none."""
+        """Continue from `path` or the latest checkpoint in output_dir; False when there is none.
+
+        The settings must be those of the run that saved the checkpoint (a ValueError lists the differences),
+        except RESUME_FREE ones (how often to evaluate and save, ...) and max_steps: a new max_steps is applied,
+        the schedule (warmup + cosine) recomputed for it from the current step on, and recorded in `resumes`.
+        """
         path = Path(path) if path else latest_checkpoint(self.output_dir)
         if path is None:
             return False
+        saved = read_trainer_state(path)
+        changed = config_changes(saved.get("config") or {}, self.cfg, path)  # raises on a change altering the run
+        self.dist.check_resume(saved, self.cfg)
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, distributed=self.dist)
-        self.dist.check_resume(state, self.cfg)
         if not np.allclose(state["frozen_fingerprint"], self.fingerprint, rtol=1e-9, atol=1e-6):
             raise ValueError(f"the frozen weights differ from those of the run that saved {path}: build the model "
                              "the same way (same profile, same seed for random initialisation) before resuming")
         self.step, self.history = state["step"], state["history"]
         self.sampler.load_state_dict(state["sampler"])
+        self.resumes = list(state.get("resumes", []))
+        if "max_steps" in changed:
+            # The saved lr of every group follows the old schedule: put it on the new one from this step on.
+            for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                group["lr"] = base * lr_factor(self.step, self.cfg)
+        self.resumes.append({"step": self.step, "checkpoint": path.name,
+                             "changed": {k: list(v) for k, v in changed.items()}})
+        self.owns_output = True
         return True
 
     # -- one step -------------------------------------------------------------------------------
@@ -726,6 +842,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        existing = checkpoint_dirs(self.output_dir) if not self.owns_output else []
+        if existing:
+            raise FileExistsError(
+                f"{self.output_dir} already holds a training run (latest {existing[-1].name}): a new run there would "
+                "mix the two (checkpoint rotation keeps the higher step, so a later resume would continue the other "
+                "run). Continue it with trainer.resume() (CLI: --resume), or train into another output_dir "
+                "(CLI: another --output)")
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not (cfg.progress and self.dist.is_main),
                    dynamic_ncols=True)
         last_eval = last_save = None
@@ -873,56 +996,137 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_rows(args, split: str, limit: int | None, dist: DistContext | None = None):
-    """Rows for the CLI. With --streaming and a DistContext: this process's split of the train stream."""
-    from vlm_course.data.cauldron import load_cauldron, load_mini_cauldron
+def _load_rows(args, split: str, limit: int | None, dist: DistContext | None = None, min_image_size: int | None = None):
+    """Rows for the CLI. With --streaming and a DistContext: this process's split of the train stream.
+    min_image_size (the model's patch size): smaller images are skipped and counted, not a crash mid-run."""
+    from vlm_course.data.cauldron import MIN_IMAGE_SIZE, load_cauldron, load_mini_cauldron
 
     verbose = dist is None or dist.is_main
     subsets = args.subsets.split(",") if args.subsets else None
     if args.data == "mini-cauldron":
         if args.streaming:
             raise SystemExit("--streaming is for --data the_cauldron or a folder; the mini-cauldron is loaded whole")
-        return load_mini_cauldron(split, subsets=subsets, max_per_subset=limit, verbose=verbose)
+        return load_mini_cauldron(split, subsets=subsets, max_per_subset=limit, verbose=verbose,
+                                  min_image_size=min_image_size or MIN_IMAGE_SIZE)
     if not subsets:
         raise SystemExit("--subsets is required with --data the_cauldron or a folder, e.g. --subsets vsr,ai2d")
     data_dir = None if args.data == "the_cauldron" else args.data
-    common = dict(max_samples=limit, data_dir=data_dir, streaming=args.streaming, seed=args.seed, verbose=verbose)
+    common = dict(max_samples=limit, data_dir=data_dir, streaming=args.streaming, seed=args.seed, verbose=verbose,
+                  min_image_size=min_image_size or MIN_IMAGE_SIZE)
     if split == "test" and data_dir is None:  # the hub has only train: hold out a deterministic 2%
         return load_cauldron(subsets, split="validation", val_fraction=0.02, **common)
     shard = dict(rank=dist.rank, world_size=dist.world_size) if args.streaming and dist and split == "train" else {}
     return load_cauldron(subsets, split=split, val_fraction=0.02 if data_dir is None else 0.0, **common, **shard)
 
 
+RUN_FILES = ("history.json", "train_config.json", "loss_curve.png", "model")
+
+
+def run_artefacts(output_dir) -> list[str]:
+    """What of a training run a folder holds: checkpoint folders and the files `train` writes."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    return [p.name for p in checkpoint_dirs(output_dir)] + [n for n in RUN_FILES if (output_dir / n).exists()]
+
+
+def writable_folder_error(folder: Path, option: str) -> str | None:
+    """Why `folder` cannot be the output folder (a file, under a file, not writable), or None; creates it."""
+    if folder.exists() and not folder.is_dir():
+        return f"{option} {folder} is a file, not a folder: choose a folder path for {option}"
+    ancestor = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        return f"{option} {folder}: {ancestor} is a file, so the folder cannot be created there: choose another {option}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        return (f"{option} {folder} is not writable ({err.strerror or err}): choose a folder you can write to, "
+                "or fix its permissions")
+    return None
+
+
+def check_output_folder(output_dir, resume: bool, option: str = "--output") -> None:
+    """Before any work: a new run never goes into a folder holding another run, --resume needs a checkpoint there,
+    and the folder must be writable (else the run would end with nothing saved). Raises ValueError saying what to do."""
+    from vlm_course.vlm import recover_interrupted_save
+
+    output_dir = Path(output_dir)
+    if output_dir.is_dir():
+        recover_interrupted_save(output_dir / "model")  # a kill during the last run's final model write
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"{option} {output_dir} is a file, not a folder: choose a folder path for {option}")
+    found = run_artefacts(output_dir)
+    if resume and latest_checkpoint(output_dir) is None:
+        interrupted = output_dir.is_dir() and any(output_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"))
+        raise ValueError(
+            f"--resume: there is no complete checkpoint in {output_dir} to continue from"
+            + (" (a save was interrupted before the first checkpoint was complete)" if interrupted else "")
+            + (f"; it holds {found}" if found else "")
+            + f". Drop --resume to start a new run, or point {option} at the folder of the run to continue")
+    if not resume and found:
+        raise ValueError(
+            f"{option} {output_dir} already holds a training run ({', '.join(found)}): a new run there would mix "
+            f"the two. Continue that run with --resume, or start a new one in another {option} folder")
+    error = writable_folder_error(output_dir, option)
+    if error:
+        raise ValueError(error)
+
+
+def _write_json_atomically(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def train_main(argv: list[str] | None = None) -> int:
+    import sys
+
     from vlm_course.processing import VLMProcessor
     from vlm_course.vlm import VisionLanguageModel
+    from vlm_course.weights import apply_offline_env
 
+    apply_offline_env()
     args = build_arg_parser().parse_args(argv)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, output_dir=args.output,
-                      double_quant=not args.no_double_quant)
-    dist = DistContext.from_env(cfg.strategy)  # before any .cuda(): picks this process's GPU under torchrun
-    say = print if dist.is_main else (lambda *a, **k: None)  # only rank 0 talks
-    set_seed(cfg.seed)  # random-init profiles (tiny) must build the same weights when resuming (and everywhere)
-    model = VisionLanguageModel.from_profile(args.profile)
-    if torch.cuda.is_available():
-        model.cuda()
-    processor = VLMProcessor.from_config(model.config, system_prompt=args.system_prompt)
-    rows = _load_rows(args, "train", args.max_per_subset, dist)
-    eval_fn = None
-    if args.eval_rows:
-        try:
-            held_out = list(_load_rows(args, "test", args.eval_rows if args.streaming else None, dist))
-        except FileNotFoundError as err:
-            say(f"no held-out split ({err}); training without eval")
-        else:
-            held_out = [held_out[i] for i in np.linspace(0, len(held_out) - 1, min(args.eval_rows, len(held_out)),
-                                                          dtype=int)]
-            eval_fn = make_loss_eval(VLMCollator(processor, cfg.max_length, "drop"), held_out, cfg.batch_size,
-                                     cfg.precision)
-    trainer = Trainer(model, processor, rows, cfg, eval_fn=eval_fn, distributed=dist)
-    if args.resume and trainer.resume():
-        say(f"resumed at step {trainer.step} from {latest_checkpoint(cfg.output_dir)}")
+    try:  # everything that can go wrong before the first step: say what and how to fix it, no traceback
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, output_dir=args.output,
+                          double_quant=not args.no_double_quant)
+        check_output_folder(cfg.output_dir, args.resume)
+        dist = DistContext.from_env(cfg.strategy)  # before any .cuda(): picks this process's GPU under torchrun
+        say = print if dist.is_main else (lambda *a, **k: None)  # only rank 0 talks
+        set_seed(cfg.seed)  # random-init profiles (tiny) must build the same weights when resuming (and everywhere)
+        model = VisionLanguageModel.from_profile(args.profile)
+        if torch.cuda.is_available():
+            model.cuda()
+        processor = VLMProcessor.from_config(model.config, system_prompt=args.system_prompt)
+        patch = model.config.vision.patch_size
+        rows = _load_rows(args, "train", args.max_per_subset, dist, patch)
+        eval_fn = None
+        if args.eval_rows:
+            try:
+                held_out = list(_load_rows(args, "test", args.eval_rows if args.streaming else None, dist, patch))
+            except FileNotFoundError as err:
+                say(f"no held-out split ({err}); training without eval")
+            else:
+                held_out = [held_out[i] for i in np.linspace(0, len(held_out) - 1,
+                                                              min(args.eval_rows, len(held_out)), dtype=int)]
+                eval_fn = make_loss_eval(VLMCollator(processor, cfg.max_length, "drop"), held_out, cfg.batch_size,
+                                         cfg.precision)
+        trainer = Trainer(model, processor, rows, cfg, eval_fn=eval_fn, distributed=dist)
+        if args.resume and trainer.resume():
+            say(f"resumed at step {trainer.step} from {latest_checkpoint(cfg.output_dir)}")
+            for name, (before, now) in trainer.resumes[-1]["changed"].items():
+                say(f"{name} changed from {before} to {now}: applied; the warmup + cosine schedule is recomputed for "
+                    f"{now} steps from step {trainer.step} on (so the run differs from one trained with {now} steps "
+                    "from the start); recorded under 'resumes' in train_config.json")
+            if trainer.step >= cfg.max_steps:
+                say(f"the checkpoint is already at step {trainer.step} >= --max-steps {cfg.max_steps}: nothing to "
+                    "train (raise --max-steps to train further)")
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"train: {err}", file=sys.stderr)
+        return 2
     say(f"trainable parameters: {trainer.trainable}" + (f"; {dist.world_size} processes ({cfg.strategy})"
                                                           if dist.enabled else ""))
     history = trainer.fit()
@@ -930,9 +1134,9 @@ def train_main(argv: list[str] | None = None) -> int:
     output = Path(cfg.output_dir)
     export = None if args.no_save_model else dist.full_model(trainer, apply_recipe)  # FSDP: collective gather
     if dist.is_main:
-        with open(output / "train_config.json", "w") as f:
-            json.dump({"train": cfg.to_dict(), "profile": args.profile, "system_prompt": args.system_prompt,
-                       "world_size": dist.world_size}, f, indent=2)
+        _write_json_atomically(output / "train_config.json", {
+            "train": cfg.to_dict(), "profile": args.profile, "system_prompt": args.system_prompt,
+            "world_size": dist.world_size, "resumes": trainer.resumes})
         if export is not None:
             merge_lora(export).save_pretrained(output / "model")
     dist.barrier()

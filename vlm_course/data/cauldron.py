@@ -11,8 +11,9 @@ What it does after loading each subset:
 1. split:  the hub has only a `train` split. `val_fraction` carves a validation split out of it by
            hashing each row's image bytes, so the split never depends on the seed, the order or the
            mixing, and an image never sits in both splits.
-2. clean:  rows with no images, undecodable image bytes, no texts, or a turn without a user or
-           assistant string are skipped and counted in a LoadReport, never a crash.
+2. clean:  rows with no images, undecodable image bytes, an image smaller than `min_image_size` (one patch),
+           no texts, or a turn without a user or assistant string are skipped and counted in a LoadReport,
+           never a crash. A file that is not parquet is an error naming it.
 3. mix:    subsets are interleaved by mixing weights with a seeded sampler: the same seed gives the
            same sequence of rows, streaming or not.
 4. shard:  with `rank` / `world_size` (training on several processes), each subset is split across processes
@@ -34,15 +35,23 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
-import numpy as np
-from datasets.distributed import split_dataset_by_node
-from PIL import Image
+from vlm_course.weights import apply_offline_env
+
+apply_offline_env()  # before datasets reads its flags: VLM_COURSE_OFFLINE=1 alone must keep datasets off the network
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from datasets.distributed import split_dataset_by_node  # noqa: E402
+from PIL import Image  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 HUB_REPO = "HuggingFaceM4/the_cauldron"
-SKIP_REASONS = ("no_images", "undecodable_image", "no_texts", "bad_turn")
+SKIP_REASONS = ("no_images", "undecodable_image", "image_too_small", "no_texts", "bad_turn")
+# Smallest image side kept by default: the largest patch of the course's profiles (nano: 16 px). An image smaller
+# than one patch carries almost nothing and the processor refuses it, so training would stop at that row.
+MIN_IMAGE_SIZE = 16
 VALIDATION_SPLITS = ("validation", "val")
 
 
@@ -93,8 +102,9 @@ def _decode(data: bytes) -> Image.Image | None:
         return None
 
 
-def _decode_images(raw_images):
-    """All images of a row as PIL RGB, or (None, reason) when there are none or one does not decode."""
+def _decode_images(raw_images, min_size: int = 1):
+    """All images of a row as PIL RGB, or (None, reason) when there are none, one does not decode, or one has a
+    side shorter than min_size pixels."""
     if not raw_images:
         return None, "no_images"
     images = []
@@ -103,6 +113,8 @@ def _decode_images(raw_images):
         image = _decode(data) if data else None
         if image is None:
             return None, "undecodable_image"
+        if min(image.size) < min_size:
+            return None, "image_too_small"
         images.append(image)
     return images, None
 
@@ -139,7 +151,8 @@ def in_validation(key: bytes, val_fraction: float) -> bool:
     return int.from_bytes(key, "big") / 2**64 < val_fraction
 
 
-def _clean_rows(dataset, subset: str, want_validation: bool | None, val_fraction: float, report: LoadReport):
+def _clean_rows(dataset, subset: str, want_validation: bool | None, val_fraction: float, report: LoadReport,
+                min_image_size: int = 1):
     """Yield the clean rows of one subset that belong to the requested split, counting the rest."""
     for raw in _undecoded_rows(dataset):
         raw_images, texts = raw.get("images"), raw.get("texts")
@@ -149,7 +162,7 @@ def _clean_rows(dataset, subset: str, want_validation: bool | None, val_fraction
         report.seen += 1
         turns, reason = _clean_turns(texts, subset)
         if reason is None:
-            images, reason = _decode_images(raw_images)
+            images, reason = _decode_images(raw_images, min_image_size)
         if reason is not None:
             report.skipped[reason] += 1
             continue
@@ -183,8 +196,10 @@ class CauldronStream:
     """A re-iterable stream of clean rows; `report` describes the latest (or current) pass."""
 
     def __init__(self, sources: dict, weights: dict[str, float], seed: int, max_samples: int | None,
-                 want_validation: bool | None, val_fraction: float, verbose: bool, rank: int = 0, world_size: int = 1):
+                 want_validation: bool | None, val_fraction: float, verbose: bool, rank: int = 0, world_size: int = 1,
+                 min_image_size: int = MIN_IMAGE_SIZE):
         self.sources, self.weights, self.seed, self.max_samples = sources, weights, seed, max_samples
+        self.min_image_size = min_image_size
         self.want_validation, self.val_fraction, self.verbose = want_validation, val_fraction, verbose
         self.rank, self.world_size = rank, world_size  # this process's split (the Trainer checks it)
         self.epoch = 0
@@ -200,7 +215,7 @@ class CauldronStream:
 
     def __iter__(self):
         report = self.report = LoadReport()
-        streams = {name: _clean_rows(ds, name, self.want_validation, self.val_fraction, report)
+        streams = {name: _clean_rows(ds, name, self.want_validation, self.val_fraction, report, self.min_image_size)
                    for name, ds in self.sources.items()}
         # Each process draws its own subset sequence (same weights), so a global batch is not W copies of one mix.
         seed = self.seed if (self.world_size, self.epoch) == (1, 0) else [self.seed, self.rank, self.epoch]
@@ -266,6 +281,8 @@ def _load_subset(name: str, file_split: str, streaming: bool, data_dir):
         dataset = datasets.load_dataset(HUB_REPO, name, split="train", streaming=streaming)
     else:
         files = local_files(data_dir, name, file_split)
+        for file in files:
+            _check_parquet(file)
         # A few MB of local parquet load in a blink: datasets' "Generating split" bars would only be noise
         # (and would make notebook outputs differ between a first and a cached run).
         were_enabled = datasets.is_progress_bar_enabled()
@@ -278,6 +295,18 @@ def _load_subset(name: str, file_split: str, streaming: bool, data_dir):
                 datasets.enable_progress_bars()
     _check_schema(dataset, name)
     return dataset
+
+
+def _check_parquet(file: str) -> None:
+    """A clear error naming a file that is not parquet (empty, cut short, another format) before datasets reads it."""
+    try:
+        pq.ParquetFile(file).close()
+    except Exception as err:  # pyarrow raises ArrowInvalid / OSError for a file that is not parquet
+        raise ValueError(
+            f"{file} is not a readable parquet file ({err}): it may be empty, cut short by an interrupted download "
+            "or copy, or another format renamed. Delete it or copy it again (the mini-cauldron: regenerate with "
+            "`python -m vlm_course.data.synthetic --out <folder>`)"
+        ) from err
 
 
 def _check_schema(dataset, name: str) -> None:
@@ -302,7 +331,8 @@ def _undecoded_rows(dataset):
 
 def load_cauldron(subsets, weights=None, max_samples: int | None = None, streaming: bool = False, seed: int = 0,
                   val_fraction: float = 0.0, split: str = "train", data_dir=None, shuffle: bool = True,
-                  shuffle_buffer: int = 1000, verbose: bool = True, rank: int = 0, world_size: int = 1):
+                  shuffle_buffer: int = 1000, verbose: bool = True, rank: int = 0, world_size: int = 1,
+                  min_image_size: int = MIN_IMAGE_SIZE):
     """Load, split, clean and mix the_cauldron subsets.
 
     subsets:      config names (["vsr", "ai2d"]) or a dict of mixing weights ({"vsr": 2, "ai2d": 1})
@@ -317,6 +347,8 @@ def load_cauldron(subsets, weights=None, max_samples: int | None = None, streami
     rank, world_size: this process's part when training on world_size processes (DistContext.rank/world_size):
                   disjoint rows per process, each mixed by the same weights; max_samples is the total over all
                   processes. Deterministic for (seed, rank, world_size).
+    min_image_size: rows with an image whose shorter side has fewer pixels are skipped ("image_too_small");
+                  pass the model's patch size (config.vision.patch_size) to keep everything it can read.
 
     Returns a CauldronRows list (streaming=False) or a CauldronStream; both have `.report`.
     Without streaming every selected image is decoded into memory: use max_samples or streaming for
@@ -349,7 +381,8 @@ def load_cauldron(subsets, weights=None, max_samples: int | None = None, streami
             # After the seeded shuffle, as datasets asks: every process shuffles identically, then keeps its part.
             dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
         sources[name] = dataset
-    stream = CauldronStream(sources, mix, seed, max_samples, want_validation, val_fraction, verbose, rank, world_size)
+    stream = CauldronStream(sources, mix, seed, max_samples, want_validation, val_fraction, verbose, rank, world_size,
+                            min_image_size)
     if streaming:
         return stream
     rows = CauldronRows(stream)
@@ -371,7 +404,7 @@ def assets_dir() -> Path:
 
 
 def load_mini_cauldron(split: str = "train", subsets=None, max_per_subset: int | None = None,
-                       verbose: bool = True) -> CauldronRows:
+                       verbose: bool = True, min_image_size: int = MIN_IMAGE_SIZE) -> CauldronRows:
     """The committed synthetic subsets (assets/mini_cauldron), in file order, grouped by subset."""
     root = assets_dir() / "mini_cauldron"
     if not root.is_dir():
@@ -386,7 +419,7 @@ def load_mini_cauldron(split: str = "train", subsets=None, max_per_subset: int |
     rows, report = CauldronRows(), LoadReport()
     for name in subsets:
         part = load_cauldron([name], max_samples=max_per_subset, split=split, data_dir=root, shuffle=False,
-                             verbose=False)
+                             verbose=False, min_image_size=min_image_size)
         rows.extend(part)
         report = report.merge(part.report)
     rows.report = report

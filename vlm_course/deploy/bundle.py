@@ -50,7 +50,7 @@ def load_model_for_export(model_or_dir):
 
     A model passed in is changed in place (adapters merged, cast to float32).
     """
-    from ..vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel
+    from ..vlm import CONFIG_NAME, WEIGHTS_NAME, VisionLanguageModel, read_config_file
 
     if isinstance(model_or_dir, nn.Module):
         model = model_or_dir
@@ -78,10 +78,7 @@ def load_model_for_export(model_or_dir):
             raise FileNotFoundError(
                 f"{folder} is not a saved VisionLanguageModel: it lacks {', '.join(missing)}; {hint}"
             )
-        try:
-            config = VLMConfig.load(folder / CONFIG_NAME)
-        except (ValueError, TypeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{folder / CONFIG_NAME} is not a vlm_course VLMConfig ({err})") from err
+        config = read_config_file(folder / CONFIG_NAME)  # names the file and every bad key
         check_weight_shapes(config, folder / WEIGHTS_NAME)
         model = VisionLanguageModel.from_pretrained(folder)
     model = merge_lora_adapters(model).float().eval()
@@ -291,10 +288,8 @@ def build_bundle(
     out_dir = Path(out_dir)
     if int8_scheme not in INT8_BITS:
         raise ValueError(f"int8_scheme must be one of {sorted(INT8_BITS)}, got {int8_scheme!r}")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"{out_dir} already exists: choose another --out or pass overwrite=True (--overwrite)"
-        )
+    source = None if isinstance(model_dir_or_model, nn.Module) else Path(model_dir_or_model)
+    check_bundle_target(out_dir, overwrite, source)  # before any work: nothing is lost, nothing wasted
     model = load_model_for_export(model_dir_or_model)
     processor = VLMProcessor.from_config(model.config)
     model.config.image_token_id = processor.image_token_id
@@ -341,12 +336,85 @@ def build_bundle(
             shutil.copy(TEMPLATES / script, tmp / script)
         (tmp / "README.md").write_text(_readme(model, files, parity, gguf_file, out_dir.name, int8_scheme))
         write_manifest(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _swap_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def is_bundle_dir(folder) -> bool:
+    """A folder build_bundle wrote: it has the bundle's manifest.json and bundle.json."""
+    folder = Path(folder)
+    return (folder / "manifest.json").is_file() and (folder / "bundle.json").is_file()
+
+
+def _old_bundles(out_dir: Path) -> list[Path]:
+    return sorted(p for p in out_dir.parent.glob(f".{out_dir.name}-old-*") if p.is_dir())
+
+
+def check_bundle_target(out_dir, overwrite: bool, source=None) -> None:
+    """Refuse, before any work, an --out that would lose data or could not be written.
+
+    Only a previous bundle (or an empty folder) may be replaced, with overwrite; never the working directory or
+    one of its parents, never the model being exported or a folder holding it; a file or an unwritable place is
+    refused too. If an earlier replacement was killed between its two renames, the previous bundle is put back.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        for old in reversed(_old_bundles(out_dir)):  # interrupted swap: restore the last complete bundle
+            if is_bundle_dir(old):
+                os.replace(old, out_dir)
+                break
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} is a file, not a folder: choose a folder path for the bundle")
+    target = out_dir.resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise ValueError(
+            f"--out {out_dir} is the working directory or one of its parents: a bundle needs a folder of its own, "
+            f"e.g. --out {out_dir / 'bundle'}"
+        )
+    if source is not None:
+        model = Path(source).resolve()
+        if target == model or target in model.parents:
+            raise ValueError(
+                f"--out {out_dir} holds the model being exported ({source}): writing the bundle there would replace "
+                f"it. Choose a folder of its own, e.g. --out {target.parent / (target.name + '-bundle')}"
+            )
+    if out_dir.exists():
+        if not overwrite:
+            raise FileExistsError(
+                f"{out_dir} already exists: choose another --out or pass overwrite=True (--overwrite)"
+            )
+        if any(out_dir.iterdir()) and not is_bundle_dir(out_dir):
+            raise FileExistsError(
+                f"--out {out_dir} exists and is not an export bundle (no manifest.json + bundle.json): --overwrite "
+                "replaces only a previous bundle. Choose another --out (or, if you really mean it, delete that "
+                "folder yourself first)"
+            )
+    ancestor = next((p for p in [out_dir.parent, *out_dir.parent.parents] if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise FileExistsError(f"--out {out_dir}: {ancestor} is a file, so the bundle cannot be written there: "
+                              "choose another --out")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir.parent):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {out_dir}: {out_dir.parent} is not writable ({err.strerror or err}): choose a "
+                         "folder you can write to, or fix its permissions") from err
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """The built bundle replaces out_dir: the old one is renamed aside, the new one renamed in, the old deleted.
+    At every moment a complete bundle exists (out_dir, or .<name>-old-* which check_bundle_target restores)."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-old-"))
+    os.replace(out_dir, old)  # onto the empty folder just made (POSIX rename allows it)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def verify_bundle(folder, check_hashes: bool = True) -> dict:
