@@ -980,7 +980,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for component, modes in RECIPES.items():
         p.add_argument(f"--{component}", choices=modes, default=getattr(d, component))
     for name in ("max_steps", "batch_size", "grad_accum_steps", "lora_r", "lora_alpha", "eval_every",
-                 "save_every", "seed", "max_length"):
+                 "save_every", "keep_checkpoints", "seed", "max_length"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     for name in ("lr_projector", "lr_vision", "lr_decoder", "lr_lora", "lora_dropout", "weight_decay",
                  "warmup_fraction", "max_grad_norm", "neftune_alpha"):
