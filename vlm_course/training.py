@@ -1031,15 +1031,16 @@ def run_artefacts(output_dir) -> list[str]:
 
 
 def writable_folder_error(folder: Path, option: str) -> str | None:
-    """Why `folder` cannot be the output folder (a file, under a file, not writable), or None; creates it."""
+    """Why `folder` cannot be the output folder (a file, under a file, not writable), or None. Creates nothing:
+    the probe file goes into the folder, or into its nearest existing parent, and is gone at once."""
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         return f"{option} {folder} is a file, not a folder: choose a folder path for {option}"
-    ancestor = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    ancestor = next((p for p in [folder.absolute(), *folder.absolute().parents] if p.exists()), None)
     if ancestor is not None and not ancestor.is_dir():
         return f"{option} {folder}: {ancestor} is a file, so the folder cannot be created there: choose another {option}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=ancestor):
             pass
     except OSError as err:
         return (f"{option} {folder} is not writable ({err.strerror or err}): choose a folder you can write to, "
