@@ -57,6 +57,17 @@ def patchify_pixels_transposed(images, p):
     return _flat(_grid(images, p).permute(0, 2, 4, 1, 5, 3), images, p)
 
 
+def patchify_height_width_swapped(images, p):
+    """The grid split as if the image were W x H: (B, C, W/p, p, H/p, p)."""
+    b, c, h, w = images.shape
+    return _flat(images.reshape(b, c, w // p, p, h // p, p).permute(0, 2, 4, 1, 3, 5), images, p)
+
+
+def patchify_unfold_not_transposed(images, p):
+    """F.unfold is the right tool, but it returns (B, C*p*p, N)."""
+    return F.unfold(images, kernel_size=p, stride=p)
+
+
 register(Exercise(
     name="patchify", lesson=LESSON, reference=patchify,
     description="cut (B, C, H, W) images into (B, N, C*p*p) patch vectors, row-major",
@@ -79,6 +90,11 @@ register(Exercise(
                "view as (B, C, H/p, p, W/p, p) and move the two grid axes to the front"),
         Mutant("pixels_transposed", patchify_pixels_transposed,
                "pixels inside each patch are in column-major order - keep (row in patch, column in patch)"),
+        Mutant("height_width_swapped", patchify_height_width_swapped,
+               "the grid was split with H and W swapped (fine for square images only) - view as (B, C, H/p, p, W/p, p): "
+               "the image's height comes first"),
+        Mutant("unfold_not_transposed", patchify_unfold_not_transposed,
+               "F.unfold returns (B, C*p*p, N), patches along the last axis - transpose(1, 2) to get (B, N, C*p*p)"),
     ],
 ))
 
@@ -118,6 +134,16 @@ def conv_to_linear_no_bias(conv):
     return _linear_from(conv.weight.reshape(conv.out_channels, -1), None, conv.weight.dtype)
 
 
+def conv_to_linear_reshaped_in_out(conv):
+    """The weight reshaped to (in, out) = (C*p*p, D), then transposed to (D, C*p*p): right shape, kernels mixed."""
+    return _linear_from(conv.weight.reshape(-1, conv.out_channels).t(), conv.bias, conv.weight.dtype)
+
+
+def conv_to_linear_default_dtype(conv):
+    """nn.Linear(...) without dtype=: a float32 layer for a float64 conv."""
+    return _linear_from(conv.weight.reshape(conv.out_channels, -1), conv.bias, torch.float32)
+
+
 def _conv_case(c, d, p, image_shape, seed, dtype=torch.float32):
     def inputs():
         torch.manual_seed(seed)  # nn.Conv2d's own init, seeded; then made fully random
@@ -131,6 +157,12 @@ def run_conv_to_linear(impl, conv, images):
     linear = impl(conv)
     if not callable(linear):
         raise GradingError(f"conv_to_linear should return an nn.Linear, got {type(linear).__name__}")
+    weight = getattr(linear, "weight", None)
+    expected = (conv.out_channels, conv.weight[0].numel())
+    if isinstance(weight, torch.Tensor) and tuple(weight.shape) != expected:
+        raise GradingError(f"the linear layer's weight is {tuple(weight.shape)}, expected (D, C*p*p) = {expected}")
+    if isinstance(weight, torch.Tensor) and weight.dtype != conv.weight.dtype:
+        raise GradingError(f"the linear layer is {weight.dtype}, the conv {conv.weight.dtype}")
     return linear(patchify(images, conv.kernel_size[0]))
 
 
@@ -149,6 +181,11 @@ register(Exercise(
         Mutant("kernel_transposed", conv_to_linear_kernel_transposed,
                "the kernel's height and width are swapped - flatten conv.weight as it is, without transposing"),
         Mutant("no_bias", conv_to_linear_no_bias, "the output is off by a constant per channel - copy the conv's bias"),
+        Mutant("reshaped_in_out", conv_to_linear_reshaped_in_out,
+               "the weight was reshaped to (C*p*p, D) and transposed, which mixes the kernels - conv.weight is "
+               "(D, C, p, p), D first already: conv.weight.reshape(D, -1) is the (out, in) matrix nn.Linear keeps"),
+        Mutant("default_dtype", conv_to_linear_default_dtype,
+               "keep the conv's dtype: nn.Linear(..., dtype=conv.weight.dtype)"),
     ],
 ))
 
@@ -180,6 +217,14 @@ def sdpa_times_sqrt_d(q, k, v):
     return _attention(q, k, v, q.shape[-1] ** 0.5)
 
 
+def sdpa_scale_by_key_count(q, k, v):
+    return _attention(q, k, v, k.shape[-2] ** -0.5)
+
+
+def sdpa_scale_by_value_dim(q, k, v):
+    return _attention(q, k, v, v.shape[-1] ** -0.5)
+
+
 def _qkv(q_shape, kv_len, v_dim, seed, dtype=torch.float32):
     *lead, _, d = q_shape
     return lambda: (randn(*q_shape, seed=seed, dtype=dtype), randn(*lead, kv_len, d, seed=seed + 1, dtype=dtype),
@@ -202,6 +247,12 @@ register(Exercise(
         Mutant("softmax_over_queries", sdpa_softmax_over_queries,
                "softmax over the wrong axis: each query's weights over the keys must sum to 1 (softmax(dim=-1))"),
         Mutant("times_sqrt_d", sdpa_times_sqrt_d, "scores multiplied by sqrt(d) - divide by it"),
+        Mutant("scale_by_key_count", sdpa_scale_by_key_count,
+               "scores divided by the square root of the number of keys - the scale is 1/sqrt(d), d = q.shape[-1], "
+               "the size of each query and key vector"),
+        Mutant("scale_by_value_dim", sdpa_scale_by_value_dim,
+               "scores divided by the square root of the value width - d is the query/key width q.shape[-1] "
+               "(the values may be wider or narrower)"),
     ],
 ))
 
@@ -213,15 +264,16 @@ def multi_head_attention(x, attn: VisionAttention):
     return attn(x)
 
 
-def _mha_variant(x, attn, *, split_ok=True, merge_ok=True, project=True, scaled=True):
+def _mha_variant(x, attn, *, split_ok=True, merge_ok=True, project=True, scaled=True, scale_width=False,
+                 shared_qk=False):
     b, n, dim = x.shape
     h, hd = attn.num_heads, dim // attn.num_heads
 
     def split(t):
         return t.view(b, n, h, hd).transpose(1, 2) if split_ok else t.reshape(b, h, n, hd)
 
-    q, k, v = split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
-    out = _attention(q, k, v, hd**-0.5 if scaled else 1.0)
+    q, k, v = split(attn.q_proj(x)), split(attn.k_proj(x) if not shared_qk else attn.q_proj(x)), split(attn.v_proj(x))
+    out = _attention(q, k, v, (dim if scale_width else hd) ** -0.5 if scaled else 1.0)
     out = out.transpose(1, 2).reshape(b, n, dim) if merge_ok else out.reshape(b, n, dim)
     return attn.out_proj(out) if project else out
 
@@ -256,6 +308,11 @@ register(Exercise(
                "the merged heads were not passed through attn.out_proj"),
         Mutant("no_scale", functools.partial(_mha_variant, scaled=False),
                "attention scores were not scaled by 1/sqrt(head_dim)"),
+        Mutant("scale_by_width", functools.partial(_mha_variant, scale_width=True),
+               "scores scaled by 1/sqrt(D), the full width - each head attends with its own head_dim = D / heads: "
+               "scale by 1/sqrt(D / heads)"),
+        Mutant("keys_from_q_proj", functools.partial(_mha_variant, shared_qk=True),
+               "the keys were made with q_proj - keys come from attn.k_proj(x) (and values from attn.v_proj(x))"),
     ],
 ))
 
@@ -287,6 +344,23 @@ class _ExactGelu(VisionBlock):
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.layer_norm2(x))))
+
+
+class _NoMlpResidual(VisionBlock):
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return self.mlp(self.layer_norm2(x))
+
+
+class _Parallel(VisionBlock):
+    def forward(self, x):
+        return x + self.self_attn(self.layer_norm1(x)) + self.mlp(self.layer_norm2(x))
+
+
+class _Relu(VisionBlock):
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp.fc2(F.relu(self.mlp.fc1(self.layer_norm2(x))))
 
 
 class _OneLayerNorm(VisionBlock):
@@ -330,5 +404,11 @@ register(Exercise(
                "exact GELU in the MLP - SigLIP uses the tanh approximation: F.gelu(h, approximate='tanh')"),
         Mutant("one_layer_norm", _OneLayerNorm,
                "layer_norm1 was used before the MLP too - the MLP has its own layer_norm2"),
+        Mutant("no_mlp_residual", _NoMlpResidual,
+               "the MLP output replaced x instead of being added to it - keep the residual: x = x + mlp(...)"),
+        Mutant("parallel", _Parallel,
+               "attention and MLP both read the block's input (a parallel block) - ViT runs them in sequence: the MLP "
+               "reads x after the attention residual has been added"),
+        Mutant("relu", _Relu, "ReLU in the MLP - SigLIP uses GELU, the tanh approximation: F.gelu(h, approximate='tanh')"),
     ],
 ))

@@ -55,6 +55,20 @@ def shuffle_plain_reshape(x, r):
     return x.reshape(b, n // r**2, d * r * r)
 
 
+def shuffle_grid_transposed(x, r):
+    """The grid read as (column, row): blocks and the patches inside them both come out transposed."""
+    b, n, d, g = _sizes(x, r)
+    x = x.reshape(b, g // r, r, g // r, r, d).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, n // r**2, d * r * r)
+
+
+def shuffle_split_r_first(x, r):
+    """Each side split as (r, side / r): the 'block' gathers patches side / r apart, not neighbours."""
+    b, n, d, g = _sizes(x, r)
+    x = x.reshape(b, r, g // r, r, g // r, d).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, n // r**2, d * r * r)
+
+
 register(Exercise(
     name="pixel_shuffle", lesson=LESSON, reference=pixel_shuffle,
     description="fold r x r blocks of patches into one token, in Idefics3's layout",
@@ -77,6 +91,12 @@ register(Exercise(
                "the tokens come out in column-major block order - permute back (0, 2, 1, 3) before the last reshape"),
         Mutant("plain_reshape", shuffle_plain_reshape,
                "a plain reshape groups r*r consecutive patches of one row, not an r x r square of neighbours"),
+        Mutant("grid_transposed", shuffle_grid_transposed,
+               "the grid is read transposed (columns as rows), across blocks and inside them - the patch index is "
+               "row * side + column, so view as (B, block row, row in block, block column, column in block, D)"),
+        Mutant("split_r_first", shuffle_split_r_first,
+               "each side was split as (r, side/r), so a token gathers patches side/r apart instead of an r x r "
+               "square of neighbours - split as (side/r, r): (which block, where in the block)"),
     ],
 ))
 
@@ -110,6 +130,14 @@ def tokens_rounded_up(image_size, patch_size, shuffle_factor):
     return math.ceil(image_size / patch_size) ** 2 // shuffle_factor**2
 
 
+def tokens_no_shuffle(image_size, patch_size, shuffle_factor):
+    return (image_size // patch_size) ** 2
+
+
+def tokens_side_divided_by_r_squared(image_size, patch_size, shuffle_factor):
+    return (image_size // patch_size // shuffle_factor**2) ** 2
+
+
 register(Exercise(
     name="image_tokens", lesson=LESSON, reference=image_tokens,
     description="decoder tokens per image for a resolution, patch size and shuffle factor",
@@ -132,6 +160,11 @@ register(Exercise(
                "(384 // 14 = 27 patches per side)"),
         Mutant("rounded_up", tokens_rounded_up,
                "the patch grid was rounded up - a stride-p conv drops the leftover pixels (384 // 14 = 27)"),
+        Mutant("no_shuffle", tokens_no_shuffle,
+               "that is the number of patches - pixel shuffle then merges each r x r block into one token"),
+        Mutant("side_divided_by_r_squared", tokens_side_divided_by_r_squared,
+               "each side of the grid was divided by r^2 - per side the shuffle divides by r, so the count is "
+               "divided by r^2 once: (side // r) ** 2"),
     ],
 ))
 
@@ -148,6 +181,16 @@ class _BiasProjector(ModalityProjector):
     def __init__(self, cfg, vision_hidden_size, decoder_hidden_size):
         super().__init__(cfg, vision_hidden_size, decoder_hidden_size)
         self.proj = nn.Linear(vision_hidden_size * cfg.shuffle_factor**2, decoder_hidden_size, bias=True)
+
+
+class _GeluProjector(ModalityProjector):
+    def forward(self, patches):
+        return torch.nn.functional.gelu(super().forward(patches))
+
+
+class _PlainReshapeProjector(ModalityProjector):
+    def forward(self, patches):
+        return self.proj(shuffle_plain_reshape(patches, self.cfg.shuffle_factor))
 
 
 class _WidthTimesR(ModalityProjector):
@@ -186,5 +229,11 @@ register(Exercise(
                "nanoVLM's and Idefics3's projector is one linear layer without bias: nn.Linear(..., bias=False)"),
         Mutant("width_times_r", _WidthTimesR,
                "the linear layer's input width must be vision_hidden_size * r^2 (r x r patches per token)"),
+        Mutant("activation", _GeluProjector,
+               "an activation after the linear layer - nanoVLM's and Idefics3's projector is the linear layer alone "
+               "(the decoder's first layers do the non-linear work)"),
+        Mutant("plain_reshape_shuffle", _PlainReshapeProjector,
+               "the projector's tokens are r*r consecutive patches of one row (a plain reshape) - shuffle with your "
+               "pixel_shuffle, which passed its check"),
     ],
 ))

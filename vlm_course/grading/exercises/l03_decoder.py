@@ -52,6 +52,15 @@ def rms_all_axes(x, weight, eps=1e-5):
     return x * torch.rsqrt(x.pow(2).mean() + eps) * weight
 
 
+def rms_divided_by_std(x, weight, eps=1e-5):
+    return x / (x.std(-1, keepdim=True) + eps) * weight
+
+
+def rms_weight_before_norm(x, weight, eps=1e-5):
+    y = x * weight
+    return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def _rms_case(shape, seed, eps=1e-5, scale=1.0, offset=0.5, dtype=torch.float32):
     def inputs():
         x = randn(*shape, seed=seed, dtype=dtype, scale=scale) + offset * scale  # a non-zero mean: LayerNorm != RMSNorm
@@ -82,6 +91,12 @@ register(Exercise(
         Mutant("eps_outside_sqrt", rms_eps_outside_sqrt,
                "eps was added after the square root - add it inside: 1 / sqrt(mean(x^2) + eps), as Llama and SmolLM2 "
                "do (it matters for small activations)"),
+        Mutant("divided_by_std", rms_divided_by_std,
+               "divided by the standard deviation (x.std), which subtracts the mean first - RMSNorm divides by the "
+               "root mean square: sqrt(mean(x^2) + eps)"),
+        Mutant("weight_before_norm", rms_weight_before_norm,
+               "the weight was applied before normalising, so the normalisation undoes it - normalise x, then "
+               "multiply by weight"),
     ],
 ))
 
@@ -116,6 +131,18 @@ def rope_not_inverted(position_ids, head_dim, theta):
     return angles.cos(), angles.sin()
 
 
+def rope_ignores_position_ids(position_ids, head_dim, theta):
+    """Positions 0..T-1 for every row, whatever position_ids says."""
+    return rope_cos_sin(torch.arange(position_ids.shape[1]).expand_as(position_ids), head_dim, theta)
+
+
+def rope_one_frequency_per_dim(position_ids, head_dim, theta):
+    """d frequencies, one per dimension, instead of d/2 used twice."""
+    inv_freq = 1.0 / theta ** (torch.arange(head_dim, dtype=torch.float32) / head_dim)
+    angles = _angles(position_ids, inv_freq)
+    return angles.cos(), angles.sin()
+
+
 def rope_cos_sin_swapped(position_ids, head_dim, theta):
     cos, sin = rope_cos_sin(position_ids, head_dim, theta)
     return sin, cos
@@ -146,6 +173,11 @@ register(Exercise(
                "the frequencies grow with i: use their inverse, 1 / theta ** (arange(0, d, 2) / d), so that the "
                "first pair turns fastest and the last one slowest"),
         Mutant("cos_sin_swapped", rope_cos_sin_swapped, "cos and sin are swapped: return (cos, sin)"),
+        Mutant("ignores_position_ids", rope_ignores_position_ids,
+               "the angles use positions 0..T-1 for every row - use position_ids: a left-padded row starts later"),
+        Mutant("one_frequency_per_dim", rope_one_frequency_per_dim,
+               "one frequency per dimension (d of them) - there is one per pair, d/2 frequencies theta^(-2i/d), "
+               "and the table repeats them for the two halves: cat([a, a], dim=-1)"),
     ],
 ))
 
@@ -182,6 +214,20 @@ def rope_sin_cos_swapped(x, cos, sin):
     return _apply_rope(x, sin, cos)
 
 
+def rope_sin_times_x(x, cos, sin):
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return x * cos + x * sin
+
+
+def rope_float32_out(x, cos, sin):
+    return x.float() * cos.unsqueeze(1) + _rotate_half(x.float()) * sin.unsqueeze(1)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
 def _rope_case(batch, heads, positions, head_dim, theta, seed, dtype=torch.float32):
     def inputs():
         position_ids = torch.tensor(positions).expand(batch, -1) if isinstance(positions[0], int) else torch.tensor(positions)
@@ -211,6 +257,11 @@ register(Exercise(
                "rotate_half lost its minus sign: cat([-x2, x1], dim=-1) - without it the map is not a rotation"),
         Mutant("sin_cos_swapped", rope_sin_cos_swapped,
                "cos and sin are swapped: x * cos + rotate_half(x) * sin"),
+        Mutant("sin_times_x", rope_sin_times_x,
+               "the sin term multiplied x itself - it multiplies rotate_half(x), the other half of each pair: "
+               "x * cos + rotate_half(x) * sin"),
+        Mutant("float32_out", rope_float32_out,
+               "the result is float32: keep x's dtype (cast the tables with .to(x.dtype), not x to float32)"),
     ],
 ))
 
@@ -227,7 +278,8 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
 
 
-def _gqa(q, k, v, *, repeat="interleave", offset=True, diagonal=1, scaled=True, causal=True):
+def _gqa(q, k, v, *, repeat="interleave", offset=True, diagonal=1, scaled=True, causal=True, fill=float("-inf"),
+         softmax_dim=-1):
     n_rep = q.shape[1] // k.shape[1]
     if repeat == "interleave":
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -240,8 +292,8 @@ def _gqa(q, k, v, *, repeat="interleave", offset=True, diagonal=1, scaled=True, 
     if causal:
         q_pos = torch.arange(kv_len - q_len, kv_len) if offset else torch.arange(q_len)
         hidden = torch.arange(kv_len)[None, :] >= q_pos[:, None] + diagonal  # True: this key is in the future
-        scores = scores.masked_fill(hidden, float("-inf"))
-    return scores.softmax(-1) @ v
+        scores = scores.masked_fill(hidden, fill)
+    return scores.softmax(softmax_dim) @ v
 
 
 def gqa_repeat_tiled(q, k, v):
@@ -266,6 +318,14 @@ def gqa_no_scale(q, k, v):
 
 def gqa_ignores_cache_offset(q, k, v):
     return _gqa(q, k, v, offset=False)
+
+
+def gqa_mask_filled_with_zero(q, k, v):
+    return _gqa(q, k, v, fill=0.0)
+
+
+def gqa_softmax_over_queries(q, k, v):
+    return _gqa(q, k, v, softmax_dim=-2)
 
 
 def _gqa_case(batch, heads, kv_heads, q_len, kv_len, head_dim, seed, dtype=torch.float32):
@@ -304,6 +364,11 @@ register(Exercise(
         Mutant("ignores_cache_offset", gqa_ignores_cache_offset,
                "the mask ignores the cache: when Tq < Tk the queries are the *last* Tq positions (query i is at "
                "position Tk - Tq + i), so each sees every cached key and the new keys up to itself"),
+        Mutant("mask_filled_with_zero", gqa_mask_filled_with_zero,
+               "the hidden scores were set to 0, not -inf: exp(0) = 1, so future keys still get weight - fill with "
+               "float('-inf') (or pass a boolean attn_mask to F.scaled_dot_product_attention)"),
+        Mutant("softmax_over_queries", gqa_softmax_over_queries,
+               "softmax over the wrong axis: each query's weights over the keys must sum to 1 (softmax(dim=-1))"),
     ],
 ))
 
@@ -331,6 +396,14 @@ def swiglu_silu_after_product(x, mlp):
     return mlp.down_proj(F.silu(mlp.gate_proj(x) * mlp.up_proj(x)))
 
 
+def swiglu_no_up(x, mlp):
+    return mlp.down_proj(F.silu(mlp.gate_proj(x)))
+
+
+def swiglu_relu(x, mlp):
+    return mlp.down_proj(F.relu(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
 def _swiglu_case(hidden, intermediate, shape, seed, dtype=torch.float32):
     def inputs():
         cfg = DecoderConfig(hidden_size=hidden, intermediate_size=intermediate, num_heads=1, num_kv_heads=1, head_dim=2)
@@ -354,6 +427,9 @@ register(Exercise(
                "sigmoid instead of SiLU: the gate is silu(g) = g * sigmoid(g) (that is what makes it 'Swish'-GLU)"),
         Mutant("silu_after_product", swiglu_silu_after_product,
                "the SiLU was applied to the product - apply it to gate_proj(x) only, then multiply by up_proj(x)"),
+        Mutant("no_up", swiglu_no_up,
+               "up_proj is missing: silu(gate_proj(x)) gates up_proj(x), elementwise, before down_proj"),
+        Mutant("relu", swiglu_relu, "ReLU instead of SiLU: Llama and SmolLM2 use F.silu (x * sigmoid(x))"),
     ],
 ))
 
@@ -428,6 +504,28 @@ class _SeqLenHeads(KVCache):
         return 0 if self.keys[0] is None else self.keys[0].shape[1]
 
 
+class _SeqLenBatch(KVCache):
+    @property
+    def seq_len(self):
+        return 0 if self.keys[0] is None else self.keys[0].shape[0]
+
+
+class _SeqLenCountsEveryLayer(KVCache):
+    """A counter bumped by every update call: every layer adds the same tokens again."""
+
+    def __init__(self, num_layers):
+        super().__init__(num_layers)
+        self.count = 0
+
+    @property
+    def seq_len(self):
+        return self.count
+
+    def update(self, layer, k, v):
+        self.count += k.shape[2]
+        return super().update(layer, k, v)
+
+
 class _Overwrite(KVCache):
     def update(self, layer, k, v):
         self.keys[layer], self.values[layer] = k, v
@@ -467,6 +565,11 @@ register(Exercise(
     mutants=[
         Mutant("seq_len_counts_heads", _SeqLenHeads,
                "seq_len read the wrong axis: keys are (batch, kv_heads, T, head_dim), so the length is shape[2]"),
+        Mutant("seq_len_counts_batch", _SeqLenBatch,
+               "seq_len read the batch axis: keys are (batch, kv_heads, T, head_dim), so the length is shape[2]"),
+        Mutant("seq_len_counts_every_layer", _SeqLenCountsEveryLayer,
+               "seq_len counted the new tokens in every layer's update, so it grows num_layers times too fast - all "
+               "layers cache the same positions: read one layer's length, keys[0].shape[2]"),
         Mutant("overwrite", _Overwrite,
                "update replaced the cache with the new keys - append them: torch.cat([old, new], dim=2)"),
         Mutant("returns_new_only", _ReturnsNewOnly,
@@ -549,8 +652,32 @@ def probs_top_p_unsorted(logits, temperature=1.0, top_k=None, top_p=None):
     return _probs_variant(logits, temperature, top_k, top_p, p_sorted=False)
 
 
+def probs_not_renormalised(logits, temperature=1.0, top_k=None, top_p=None):
+    """The filter applied to the probabilities of the tempered softmax, without renormalising."""
+    if temperature <= 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    full = (logits.float() / temperature).softmax(-1)
+    kept = sampling_probs(logits, temperature, top_k, top_p) > 0
+    return full * kept
+
+
+def probs_top_p_before_top_k(logits, temperature=1.0, top_k=None, top_p=None):
+    probs = sampling_probs(logits, temperature, None, top_p)
+    if temperature <= 0 or top_k is None:
+        return probs
+    return sampling_probs(probs.log(), 1.0, top_k, None)
+
+
 def _logits_case(batch, vocab, seed, temperature, top_k=None, top_p=None, scale=2.0):
     return lambda: (randn(batch, vocab, seed=seed, scale=scale), temperature, top_k, top_p)
+
+
+def _k_then_p_case():
+    """At temperature 0.7, tempered probabilities 0.3, 0.2, 0.12, ...: with top_k = 3 the kept three renormalise to
+    0.48, 0.32, 0.19, so top_p = 0.4 keeps the best token alone; top-p on the whole distribution would keep two."""
+    probs = torch.tensor([0.3, 0.2, 0.12, 0.1, 0.09, 0.08, 0.06, 0.05])
+    logits = 0.7 * torch.stack([probs.log(), probs.log().flip(0), probs.log().roll(3)])
+    return logits, 0.7, 3, 0.4
 
 
 def _peaked_case():
@@ -571,7 +698,7 @@ register(Exercise(
         Case("top_p = 0.6 at temperature 2 (the nucleus is taken after the temperature)",
              _logits_case(3, 16, 156, 2.0, top_p=0.6)),
         Case("one token holds more than top_p = 0.5 by itself: it must stay", _peaked_case),
-        Case("top_k = 5, then top_p = 0.7, at temperature 0.7", _logits_case(3, 14, 158, 0.7, top_k=5, top_p=0.7)),
+        Case("top_k = 3, then top_p = 0.4 on the three kept tokens renormalised, at temperature 0.7", _k_then_p_case),
     ],
     mutants=[
         Mutant("temperature_after_softmax", probs_temperature_after_softmax,
@@ -588,5 +715,10 @@ register(Exercise(
         Mutant("top_p_unsorted", probs_top_p_unsorted,
                "the cumulative sum ran over the vocabulary order - sort the probabilities in descending order "
                "first, and map the decision back with scatter"),
+        Mutant("not_renormalised", probs_not_renormalised,
+               "the filtered tokens were zeroed but the rest not renormalised: rows must sum to 1 - set filtered "
+               "logits to -inf, then take the softmax"),
+        Mutant("top_p_before_top_k", probs_top_p_before_top_k,
+               "top-p was applied before top-k - the order is temperature, then top-k, then top-p on what remains"),
     ],
 ))

@@ -44,6 +44,20 @@ splice_reversed_images = _splice_with(features_fn=lambda f: f.flip(0))
 splice_token_before = _splice_with(mask_fn=lambda m: m.roll(-1, dims=1))
 splice_token_after = _splice_with(mask_fn=lambda m: m.roll(1, dims=1))
 
+
+
+def splice_added(token_embeds, input_ids, image_features, image_token_id):
+    """The features added to the <image> tokens' embeddings instead of replacing them."""
+    scattered = torch.zeros_like(token_embeds).masked_scatter(
+        (input_ids == image_token_id).unsqueeze(-1), image_features.reshape(-1, image_features.shape[-1]).to(token_embeds.dtype))
+    return token_embeds + scattered
+
+
+def splice_into_zeros(token_embeds, input_ids, image_features, image_token_id):
+    """Started from zeros instead of the text embeddings."""
+    return _splice(torch.zeros_like(token_embeds), input_ids, image_features, image_token_id)
+
+
 IMAGE_ID = 99
 
 
@@ -86,6 +100,11 @@ register(Exercise(
         Mutant("reversed_images", splice_reversed_images,
                "the images are in the wrong order across the batch: the i-th block of <image> tokens (reading sample "
                "0 first, left to right) gets the i-th image"),
+        Mutant("added", splice_added,
+               "the image features were added to the <image> tokens' embeddings - replace them: the embedding of the "
+               "<image> id means nothing"),
+        Mutant("into_zeros", splice_into_zeros,
+               "the text positions lost their embeddings - start from token_embeds.clone(), not from zeros"),
     ],
 ))
 
@@ -145,6 +164,22 @@ def labels_include_header(input_ids, header_ids, end_id):
 
 def labels_first_turn_only(input_ids, header_ids, end_id):
     return _labels_variant(input_ids, header_ids, end_id, turns=1)
+
+
+def labels_until_row_end(input_ids, header_ids, end_id):
+    """From the first header to the end of the row: later turns' prompts and the padding are trained too."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    h = len(header_ids)
+    for row, ids in enumerate(input_ids.tolist()):
+        start = next((t + h for t in range(len(ids) - h + 1) if ids[t:t + h] == list(header_ids)), None)
+        if start is not None:
+            labels[row, start:] = input_ids[row, start:]
+    return labels
+
+
+def labels_zero_not_ignore(input_ids, header_ids, end_id):
+    labels = make_labels(input_ids, header_ids, end_id)
+    return labels.masked_fill(labels == IGNORE_INDEX, 0)
 
 
 def labels_pre_shifted(input_ids, header_ids, end_id):
@@ -216,6 +251,12 @@ register(Exercise(
         Mutant("pre_shifted", labels_pre_shifted,
                "the labels are shifted by one: keep label t = input_ids[t]; the loss does the shift "
                "(logits at t predict token t + 1), so shifting here too shifts twice"),
+        Mutant("until_row_end", labels_until_row_end,
+               "everything after the first header is trained, up to the end of the row - stop each answer at (and "
+               "including) its end_id: later questions and the padding are not the model's to learn"),
+        Mutant("zero_not_ignore", labels_zero_not_ignore,
+               "untrained positions hold 0, a real token id - fill them with IGNORE_INDEX (-100), which "
+               "F.cross_entropy skips"),
     ],
 ))
 
@@ -253,6 +294,15 @@ def loss_mean_of_sample_means(logits, labels):
     return torch.stack(per_row).mean()
 
 
+def loss_softmax_first(logits, labels):
+    return _flat_ce(logits[:, :-1].softmax(-1), labels[:, 1:], ignore_index=IGNORE_INDEX)
+
+
+def loss_nll_on_logits(logits, labels):
+    return F.nll_loss(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                      ignore_index=IGNORE_INDEX)
+
+
 def _loss_case(batch, length, vocab, answers, seed):
     """answers: per row, the (start, end) of its labelled span."""
     def inputs():
@@ -288,5 +338,11 @@ register(Exercise(
         Mutant("mean_of_sample_means", loss_mean_of_sample_means,
                "averaged per sample, then over the batch - average over all labelled tokens of the batch at once "
                "(one F.cross_entropy over the flattened batch), as vlm_course and transformers do"),
+        Mutant("softmax_first", loss_softmax_first,
+               "the logits went through a softmax first - F.cross_entropy takes raw logits (it applies log_softmax "
+               "itself)"),
+        Mutant("nll_on_logits", loss_nll_on_logits,
+               "F.nll_loss on raw logits - it expects log-probabilities: use F.cross_entropy on the logits (or "
+               "log_softmax first)"),
     ],
 ))
