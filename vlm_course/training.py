@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -42,11 +43,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vlm_course.data.collate import VLMCollator
 from vlm_course.distributed import STRATEGIES, DistContext
 from vlm_course.processing import IGNORE_INDEX
+from vlm_course.vlm import DIGEST_KEY, tensors_digest
 
 DECODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -546,11 +549,12 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, trainer_
     try:
         weights = trainable_state(model) if weights is None else weights
         optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
-        save_file(weights, tmp / "trainable.safetensors", metadata={"step": str(step)})
+        save_file(weights, tmp / "trainable.safetensors", metadata={"step": str(step), DIGEST_KEY: tensors_digest(weights)})
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
+        digests = {name: _file_sha256(tmp / name) for name in ("optimizer.pt", "rng.pt")}
         with open(tmp / "trainer_state.json", "w") as f:  # written last: it marks a complete checkpoint
-            json.dump(dict(trainer_state, step=step), f)
+            json.dump(dict(trainer_state, step=step, sha256=digests), f)
         for file in tmp.iterdir():
             _fsync(file)
         _fsync(tmp)
@@ -588,15 +592,29 @@ def read_trainer_state(path) -> dict:
     return state
 
 
-def _read_checkpoint_files(path: Path, with_optimizer: bool) -> tuple[dict, dict | None, dict | None]:
-    """(weights, optimizer+scheduler state, rng state), every file checked before anything is changed."""
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_checkpoint_files(path: Path, with_optimizer: bool, digests: dict | None = None
+                           ) -> tuple[dict, dict | None, dict | None]:
+    """(weights, optimizer+scheduler state, rng state), every file checked (against the checksums recorded in
+    trainer_state.json and in the safetensors header, when the checkpoint has them) before anything is changed."""
     file = path / "trainable.safetensors"
     if not file.exists():
         raise _damaged(path, f"{file.name} is missing")
     try:
         weights = load_file(file)
+        with safe_open(file, framework="pt") as f:
+            recorded = (f.metadata() or {}).get(DIGEST_KEY)
     except Exception as err:  # safetensors' own error types for a truncated or foreign file
         raise _damaged(path, f"{file.name} is not a readable safetensors file ({err})") from err
+    if recorded is not None and tensors_digest(weights) != recorded:
+        raise _damaged(path, f"{file.name} no longer matches the checksum recorded when it was saved")
     if not with_optimizer:
         return weights, None, None
     loaded = []
@@ -604,6 +622,8 @@ def _read_checkpoint_files(path: Path, with_optimizer: bool) -> tuple[dict, dict
         file = path / name
         if not file.exists():
             raise _damaged(path, f"{name} is missing (the optimiser and RNG state are needed to resume exactly)")
+        if digests and name in digests and _file_sha256(file) != digests[name]:
+            raise _damaged(path, f"{name} no longer matches the checksum recorded in trainer_state.json")
         try:
             value = torch.load(file, weights_only=True)
         except Exception as err:  # truncated zip, foreign pickle refused by weights_only, ...
@@ -620,7 +640,8 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, distributed: Di
     Every file is read and checked first: a damaged or mismatching checkpoint raises and changes nothing."""
     path = Path(path)
     state = read_trainer_state(path)
-    weights, saved, rng = _read_checkpoint_files(path, with_optimizer=optimizer is not None)
+    weights, saved, rng = _read_checkpoint_files(path, with_optimizer=optimizer is not None,
+                                                 digests=state.get("sha256"))
     params = dict(model.named_parameters())
     wanted = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != wanted:

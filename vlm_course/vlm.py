@@ -11,6 +11,7 @@ up in the embedding table (its positions are overwritten), and the LM head never
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import DecoderConfig, Profile, ProjectorConfig, VisionConfig, VLMConfig, get_profile
@@ -155,7 +157,8 @@ class VisionLanguageModel(nn.Module):
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
         try:
             self.config.save(tmp / CONFIG_NAME)
-            save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt", "library": "vlm_course"})
+            save_file(state, tmp / WEIGHTS_NAME,
+                      metadata={"format": "pt", "library": "vlm_course", DIGEST_KEY: tensors_digest(state)})
             if folder.exists():
                 old = folder.with_name(f".{folder.name}-old")
                 shutil.rmtree(old, ignore_errors=True)
@@ -276,19 +279,41 @@ def check_config_against_weights(config: VLMConfig, state: dict, folder) -> None
                          "an LM head of its own: the model was saved untied. Set tie_word_embeddings back to false")
 
 
-def read_weights(path) -> dict[str, torch.Tensor]:
-    """load_file with an error that names the file and says what to do when it is empty, cut short or foreign."""
+DIGEST_KEY = "vlm_course.sha256"  # safetensors metadata: sha256 over every tensor's name, dtype, shape and bytes
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict (names in sorted order, with dtype, shape and raw bytes): stored in the file's
+    header when saving, recomputed when loading, so flipped bytes inside the tensors are caught. It costs one
+    hashing pass over the weights (measured in docs/reliability.md)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tensor.dtype}|{tuple(state[name].shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def read_weights(path, what_to_do: str | None = None) -> dict[str, torch.Tensor]:
+    """load_file, with an error that names the file and says what to do when it is empty, cut short, foreign, or
+    its tensors no longer match the checksum recorded when it was saved."""
     path = Path(path)
     size = path.stat().st_size
+    fix = what_to_do or ("Save the model again (model.save_pretrained, or `python -m vlm_course train` writes "
+                         "<output>/model), or copy the file again from where it came from")
     try:
-        return load_file(path)
+        state = load_file(path)
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
     except Exception as err:  # safetensors raises its own types (SafetensorError) and OSError for bad files
         what = "is empty (0 bytes)" if size == 0 else f"is not a readable safetensors file ({size} bytes: {err})"
         raise ValueError(
-            f"{path} {what}: it was probably cut short by a crash or a full disk, or copied partially. "
-            "Save the model again (model.save_pretrained, or `python -m vlm_course train` writes <output>/model), "
-            "or copy the file again from where it came from"
+            f"{path} {what}: it was probably cut short by a crash or a full disk, or copied partially. {fix}"
         ) from err
+    if DIGEST_KEY in metadata and tensors_digest(state) != metadata[DIGEST_KEY]:
+        raise ValueError(f"{path} is corrupt: its tensors differ from the checksum recorded when it was saved (bytes "
+                         f"changed on disk or in a copy). {fix}")
+    return state
 
 
 def _is_save_temporary(path: Path) -> bool:

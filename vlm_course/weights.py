@@ -96,6 +96,32 @@ def cache_slot(name: str) -> Path:
     return cache_dir() / name.replace("/", "--")
 
 
+def cache_dir_problem() -> str | None:
+    """What makes the course cache unusable (a file where the folder should be), or None."""
+    folder = cache_dir()
+    ancestor = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        source = "VLM_COURSE_CACHE" if os.environ.get("VLM_COURSE_CACHE") else "the default cache path"
+        return (f"the course cache {folder} ({source}) cannot be a folder: {ancestor} is a file. Fix: point "
+                "VLM_COURSE_CACHE at a folder (e.g. export VLM_COURSE_CACHE=~/.cache/vlm_course), or unset it")
+    return None
+
+
+def unreadable_safetensors(folder: Path) -> str | None:
+    """The first *.safetensors in folder whose header does not read (empty, cut short, not safetensors), with why.
+
+    Only the header is read (fast): safetensors checks that the file is as long as the header says, so a
+    truncated download or conversion is caught; flipped bytes inside the tensors are not.
+    """
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt") as f:
+                f.keys()
+        except Exception as err:  # SafetensorError, OSError
+            return f"{file} ({file.stat().st_size} bytes) does not read: {err}"
+    return None
+
+
 def is_checkpoint_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").exists() and any(path.glob("*.safetensors"))
 
@@ -114,9 +140,20 @@ def resolve(name: str | os.PathLike) -> Path:
     name = str(name)
     if name == COURSE_VIT_SMOL:
         return _course_vit_smol()
+    problem = cache_dir_problem()
+    if problem:
+        raise WeightsNotFoundError(problem)
     cached = cache_slot(name)
     if is_checkpoint_dir(cached):
-        return cached
+        damaged = unreadable_safetensors(cached)
+        if damaged is None:
+            return cached
+        if name != SMOLLM2_INSTRUCT or gguf_path() is None:
+            raise WeightsNotFoundError(f"the cached weights for {name!r} are damaged: {damaged}. Fix: delete {cached} "
+                                       "(rm -rf it), then load again: they are downloaded anew when online")
+        # The conversion is ours, made from the GGUF that is still installed: rebuild it (and say so).
+        print(f"the cached conversion of {name} is damaged ({damaged}); rebuilding it from the GGUF")
+        shutil.rmtree(cached)
     if not is_offline():
         try:
             return _download(name, cached)
@@ -125,7 +162,12 @@ def resolve(name: str | os.PathLike) -> Path:
     else:
         download_error = None
     if name == SMOLLM2_INSTRUCT:
-        return convert_smollm2_gguf(cached)
+        try:
+            return convert_smollm2_gguf(cached)
+        except WeightsNotFoundError as err:
+            if download_error is None:
+                raise
+            raise WeightsNotFoundError(f"{err} (the download failed first: {download_error})") from err
     hint = f" (the download failed: {download_error})" if download_error else " (offline: HF_HUB_OFFLINE/VLM_COURSE_OFFLINE is set)"
     raise WeightsNotFoundError(
         f"no weights for {name!r}{hint}. Fix: connect to the internet once so they are cached in {cache_dir()}, "

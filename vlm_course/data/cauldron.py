@@ -43,7 +43,7 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from datasets.distributed import split_dataset_by_node  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,9 @@ def _image_bytes(value) -> bytes | None:
 def _decode(data: bytes) -> Image.Image | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")  # convert() loads the pixels: truncated files fail here
+            # A photo's EXIF orientation says how to turn the stored pixels upright (as transformers' load_image).
+            upright = ImageOps.exif_transpose(image) or image
+            return upright.convert("RGB")  # convert() loads the pixels: truncated files fail here
     except Exception:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError, ...)
         return None
 
@@ -267,8 +269,12 @@ def local_files(data_dir: str | Path, subset: str, split: str) -> list[str]:
         raise FileNotFoundError(f"data_dir {data_dir} does not exist; point it at a folder of <subset>/<split>*.parquet")
     files = sorted(str(p) for p in (data_dir / subset).glob(f"{split}*.parquet"))
     if not files:
+        if (data_dir / subset).is_dir():  # the subset is there: the split is what is wrong
+            splits = sorted({p.name.split(".")[0].split("-")[0] for p in (data_dir / subset).glob("*.parquet")})
+            raise FileNotFoundError(f"no split {split!r} for subset {subset!r} in {data_dir} (no {split}*.parquet); "
+                                    f"splits found there: {splits}: choose one of them")
         available = sorted(p.name for p in data_dir.iterdir() if p.is_dir())
-        raise FileNotFoundError(f"no {split}*.parquet for subset {subset!r} in {data_dir}; "
+        raise FileNotFoundError(f"no subset {subset!r} in {data_dir} (no {subset}/{split}*.parquet); "
                                 f"subsets found there: {available}")
     return files
 
