@@ -231,3 +231,12 @@ def test_end_to_end_failure_with_passing_pieces_says_so():
 
     message = graded.explain({"vqa_accuracy": l06.vqa_accuracy}, ("vqa_accuracy",), "scores differ")
     assert "each pass their own check" in message and message.endswith("(end to end: scores differ)")
+
+
+def test_every_exercise_keeps_a_catalogue_of_mistakes():
+    """The catalogue of mutants (vlm_course/grading/exercises/, proven by tests/test_grading.py's meta-test):
+    at least five plausible wrong implementations per exercise, each caught with its own hint."""
+    from vlm_course.grading import all_exercises
+
+    thin = {ex.name: len(ex.mutants) for ex in all_exercises() if len(ex.mutants) < 5}
+    assert not thin, f"exercises with fewer than five catalogued mistakes: {thin}"

@@ -80,6 +80,21 @@ def _collate(sequences, assistant_header, im_end_id, pad_id, *, label_pad=IGNORE
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def collate_mask_all_ones(sequences, assistant_header, im_end_id, pad_id):
+    out = _collate(sequences, assistant_header, im_end_id, pad_id)
+    return {**out, "attention_mask": torch.ones_like(out["attention_mask"])}
+
+
+def collate_newline_after_end_trained(sequences, assistant_header, im_end_id, pad_id):
+    """The "\n" after each answer's <|im_end|> trained too (the answer read up to the next turn)."""
+    out = _collate(sequences, assistant_header, im_end_id, pad_id)
+    labels, ids = out["labels"].clone(), out["input_ids"]
+    after_end = torch.zeros_like(labels, dtype=torch.bool)
+    after_end[:, 1:] = (labels[:, :-1] == im_end_id) & (out["attention_mask"][:, 1:] == 1)
+    labels[after_end] = ids[after_end]
+    return {**out, "labels": labels}
+
+
 def collate_batch(sequences, assistant_header, im_end_id, pad_id):
     """Reference: right-padded batch with answer-only labels (as VLMProcessor.encode_conversation + pad)."""
     return _collate(sequences, assistant_header, im_end_id, pad_id)
@@ -143,6 +158,11 @@ register(Exercise(
                "input_ids[t] on answer tokens): the loss does the shift (logits at t predict the token at t + 1)"),
         Mutant("left_padding", functools.partial(_collate, left=True),
                "the padding is on the left - pad training batches on the right (left padding is for generation)"),
+        Mutant("mask_all_ones", collate_mask_all_ones,
+               "attention_mask is 1 on the padding too - 1 on real tokens only, 0 on padding, so no token attends to it"),
+        Mutant("newline_after_end_trained", collate_newline_after_end_trained,
+               "the '\\n' after each answer's <|im_end|> is trained - an answer ends with its <|im_end|>; what "
+               "follows belongs to the template"),
     ],
 ))
 
@@ -205,27 +225,40 @@ def _nearest(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize_variant(weight, block_size=64, *, levels=None, per_tensor=False, scaled=True, signed_max=False,
-                      codes_dtype=torch.uint8, absmax_in_weight_dtype=False):
+                      codes_dtype=torch.uint8, absmax_in_weight_dtype=False, per_row=False, level_below=False):
     _check_blocks(weight, block_size)
     levels = nf4_levels() if levels is None else levels
     blocks = weight.detach().float().reshape(-1, block_size)
-    if per_tensor:
+    if per_row:  # one scale per row of the matrix, repeated for each of its blocks
+        rows = weight.detach().float().reshape(weight.shape[0], -1).abs().amax(dim=1)
+        absmax = rows.repeat_interleave(blocks.shape[0] // weight.shape[0])
+    elif per_tensor:
         absmax = blocks.abs().max().expand(blocks.shape[0]).clone()
     elif signed_max:
         absmax = blocks.amax(dim=1)
     else:
         absmax = blocks.abs().amax(dim=1)
     x = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None] if scaled else blocks
-    codes = _nearest(x, levels).reshape(weight.shape).to(codes_dtype)
+    if level_below:  # the largest level <= x (bucketize), not the nearest
+        codes = (torch.bucketize(x, levels, right=True) - 1).clamp(0, 15).to(torch.uint8).reshape(weight.shape)
+    else:
+        codes = _nearest(x, levels).reshape(weight.shape)
+    codes = codes.to(codes_dtype)
     return codes, absmax.to(weight.dtype) if absmax_in_weight_dtype else absmax
 
 
-def _dequantize_variant(codes, absmax, block_size=64, *, levels=None, scale=True, tiled=False):
+def _dequantize_variant(codes, absmax, block_size=64, *, levels=None, scale=True, tiled=False, divide=False,
+                        per_row=False):
     _check_blocks(codes, block_size)
     levels = nf4_levels() if levels is None else levels
     values = levels[codes.long()].reshape(-1)
     if not scale:
         return values.reshape(codes.shape)
+    if divide:
+        return (values / absmax.float().repeat_interleave(block_size)).reshape(codes.shape)
+    if per_row:  # absmax read as one value per row of the matrix
+        rows = absmax.float()[: codes.shape[0]].repeat_interleave(codes.shape[1])
+        return (values * rows).reshape(codes.shape)
     per_weight = absmax.float().repeat(block_size) if tiled else absmax.float().repeat_interleave(block_size)
     return (values * per_weight).reshape(codes.shape)
 
@@ -274,6 +307,11 @@ register(Exercise(
         Mutant("absmax_in_weight_dtype", functools.partial(_quantize_variant, absmax_in_weight_dtype=True),
                "absmax has the weight's dtype - keep the block scales in float32 whatever the weight's dtype "
                "(bitsandbytes does): compute them on weight.float()"),
+        Mutant("per_row_absmax", functools.partial(_quantize_variant, per_row=True),
+               "one absmax per row of the matrix - NF4 takes one per block of block_size consecutive weights "
+               "(weight.reshape(-1, block_size)), whatever the row length"),
+        Mutant("level_below", functools.partial(_quantize_variant, level_below=True),
+               "each weight went to the level just below it - take the *nearest* level: argmin of |x - level|"),
     ],
 ))
 
@@ -299,6 +337,11 @@ register(Exercise(
                "i // block_size"),
         Mutant("uniform_levels", functools.partial(_dequantize_variant, levels=UNIFORM_LEVELS),
                "codes were read as 16 evenly spaced levels - they index NF4_LEVELS"),
+        Mutant("divided_by_absmax", functools.partial(_dequantize_variant, divide=True),
+               "the levels were divided by absmax - quantising divided by it, so dequantising multiplies"),
+        Mutant("per_row_absmax", functools.partial(_dequantize_variant, per_row=True),
+               "absmax was read as one value per row - it holds one per block of block_size consecutive weights: "
+               "weight i uses absmax[i // block_size]"),
     ],
 ))
 
@@ -339,7 +382,7 @@ class PeftLoRALinear(nn.Module):
 class _LoRAVariant(nn.Module):
     """Wrong LoRA layers, by flag."""
 
-    scale_by_alpha = b_random = a_zero = unfrozen = dropout_on_output = False
+    scale_by_alpha = b_random = a_zero = unfrozen = dropout_on_output = scale_inverted = base_bias_dropped = False
 
     def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__()
@@ -352,13 +395,14 @@ class _LoRAVariant(nn.Module):
             nn.init.zeros_(self.lora_A.weight)
         if not self.b_random:
             nn.init.zeros_(self.lora_B.weight)
-        self.scaling = alpha if self.scale_by_alpha else alpha / r
+        self.scaling = alpha if self.scale_by_alpha else r / alpha if self.scale_inverted else alpha / r
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
+        base = nn.functional.linear(x, self.base.weight) if self.base_bias_dropped else self.base(x)
         if self.dropout_on_output:
-            return self.base(x) + self.dropout(self.lora_B(self.lora_A(x))) * self.scaling
-        return self.base(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+            return base + self.dropout(self.lora_B(self.lora_A(x))) * self.scaling
+        return base + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
 
 def _lora_mutant(**flags):
@@ -436,6 +480,10 @@ register(Exercise(
         Mutant("dropout_on_output", _lora_mutant(dropout_on_output=True),
                "dropout is applied to the adapter's output - peft applies it to the adapter's input: "
                "lora_B(lora_A(dropout(x)))"),
+        Mutant("scale_inverted", _lora_mutant(scale_inverted=True),
+               "the adapter is scaled by r / alpha - the scaling is alpha / r"),
+        Mutant("base_bias_dropped", _lora_mutant(base_bias_dropped=True),
+               "the base layer's bias is missing (F.linear(x, base.weight)) - call the base layer itself: self.base(x)"),
     ],
 ))
 
@@ -553,5 +601,11 @@ register(Exercise(
         Mutant("lora_component_lr", functools.partial(_reference_groups, lr_rule=lambda n, lrs: lrs[n.split(".")[0]]),
                "LoRA adapters got their component's lr - when lrs has a 'lora' entry, every lora_A / lora_B "
                "parameter uses it"),
+        Mutant("decay_by_name", functools.partial(_reference_groups, decay_rule=lambda n, p: n.endswith("weight")),
+               "weight decay was chosen by name ('...weight'), which includes the norms' weights - decide by shape: "
+               "decay only matrices, p.ndim >= 2"),
+        Mutant("one_lr", functools.partial(_reference_groups, lr_rule=lambda n, lrs: max(lrs.values())),
+               "every parameter got the same lr - each component (the first part of the parameter's name: "
+               "vision, projector, decoder) has its own entry in lrs"),
     ],
 ))

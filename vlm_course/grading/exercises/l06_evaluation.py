@@ -71,6 +71,17 @@ def normalize_number_words_everywhere(text):
     return _digit_article(" ".join(words))
 
 
+def normalize_articles_as_substrings(text):
+    """Articles removed with str.replace, which also eats them inside words ('ball' -> 'bll')."""
+    lowered = _official_punctuation(text).lower().replace("the", "").replace("an", "").replace(" a ", " ")
+    return _digit_article(lowered, articles=False)
+
+
+def normalize_no_punctuation(text):
+    """Every step but the punctuation one."""
+    return _digit_article(text.replace("\n", " ").replace("\t", " ").strip())
+
+
 register(Exercise(
     name="normalize_answer", lesson=LESSON, reference=normalize_answer,
     description="the official VQAv2 answer normalisation",
@@ -100,6 +111,12 @@ register(Exercise(
         Mutant("number_words_beyond_ten", normalize_number_words_everywhere,
                "the official number map is exactly none/zero/one..ten -> digits: 'none' becomes '0', 'eleven' "
                "stays a word"),
+        Mutant("articles_as_substrings", normalize_articles_as_substrings,
+               "articles were removed as substrings, which also cuts them out of words ('and' loses its 'an') - "
+               "drop whole words: 'a', 'an', 'the'"),
+        Mutant("no_punctuation", normalize_no_punctuation,
+               "punctuation was not processed: 'dogs.' must become 'dogs' and 'x-ray' 'x ray' (process_punctuation "
+               "comes first, then the word-level steps)"),
     ],
 ))
 
@@ -225,6 +242,16 @@ def mmstar_first_char_only(prediction, letter):
     return float(bool(p) and p[0] == letter.strip().lower())
 
 
+def mmstar_gold_not_lowered(prediction, letter):
+    p = prediction.lower().strip().replace("\n", " ")
+    candidates = [p[len(x)] for x in ev._LETTER_PREFIXES if p.startswith(x) and len(p) > len(x)]
+    return float(letter.strip() in candidates + ([p[0]] if p else []))
+
+
+def mmstar_returns_bool(prediction, letter):
+    return ev.mmstar_match(prediction, letter) == 1.0
+
+
 def mmstar_no_strip(prediction, letter):
     p, g = prediction.lower().replace("\n", " "), letter.lower()
     candidates = [p[len(x)] for x in ev._LETTER_PREFIXES if p.startswith(x) and len(p) > len(x)]
@@ -264,6 +291,10 @@ register(Exercise(
         Mutant("case_sensitive", mmstar_case_sensitive,
                "the comparison is case-sensitive - lower-case both the prediction and the gold letter first"),
         Mutant("no_strip", mmstar_no_strip, "strip the prediction's surrounding whitespace before looking at it"),
+        Mutant("gold_not_lowered", mmstar_gold_not_lowered,
+               "the prediction was lower-cased but the gold letter not - lower-case both before comparing"),
+        Mutant("returns_bool", mmstar_returns_bool,
+               "return a float, 1.0 or 0.0, not a bool: scores are averaged over a dataset"),
     ],
 ))
 
@@ -297,6 +328,19 @@ def levenshtein_damerau(a, b):
     return _edit_distance(a, b, substitution=1, transposition=True)
 
 
+def levenshtein_zero_borders(a, b):
+    """The table's first row and column left at 0: a prefix turns into '' for free."""
+    d = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+    return d[-1][-1]
+
+
+def levenshtein_length_difference(a, b):
+    return abs(len(a) - len(b))
+
+
 def levenshtein_case_insensitive(a, b):
     return ev.levenshtein(a.lower(), b.lower())
 
@@ -324,6 +368,12 @@ register(Exercise(
                "swapping two neighbours was counted as one edit (Damerau) - Levenshtein has no transposition: 2 edits"),
         Mutant("case_insensitive", levenshtein_case_insensitive,
                "levenshtein itself is case-sensitive - lower-casing is anls's job, not the distance's"),
+        Mutant("zero_borders", levenshtein_zero_borders,
+               "the table's first row and column start at 0 - they are 0, 1, 2, ...: turning a prefix of i "
+               "characters into '' takes i deletions"),
+        Mutant("length_difference", levenshtein_length_difference,
+               "the length difference is only a lower bound: characters that differ cost an edit too - use dynamic "
+               "programming over prefixes"),
     ],
 ))
 
@@ -383,6 +433,15 @@ def anls_first_answer(prediction, answers, threshold=0.5):
     return ev.anls(prediction, [first], threshold)
 
 
+def anls_mean_over_answers(prediction, answers, threshold=0.5):
+    similarity = 1 - sum(d := _distances(prediction, answers)) / len(d)
+    return similarity if similarity >= threshold else 0.0
+
+
+def anls_percentage(prediction, answers, threshold=0.5):
+    return 100 * ev.anls(prediction, answers, threshold)
+
+
 def anls_case_sensitive(prediction, answers, threshold=0.5):
     similarity = 1 - min(_distances(prediction, answers, lower=False))
     return similarity if similarity >= threshold else 0.0
@@ -420,7 +479,12 @@ register(Exercise(
                "the distance was divided by the gold answer's length - divide by the longer of the two strings"),
         Mutant("prediction_length", anls_prediction_length,
                "the distance was divided by the prediction's length - divide by the longer of the two strings"),
+        Mutant("mean_over_answers", anls_mean_over_answers,
+               "the similarity was averaged over the gold answers - take the best one (the smallest distance): any "
+               "one correct reading is enough"),
         Mutant("case_sensitive", anls_case_sensitive,
                "lower-case (and strip) both strings before the edit distance"),
+        Mutant("percentage", anls_percentage,
+               "that is a percentage: return the score in [0, 1] (papers multiply the dataset's mean by 100 to print it)"),
     ],
 ))

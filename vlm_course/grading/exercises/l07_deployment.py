@@ -32,9 +32,10 @@ def small_untied() -> DecoderConfig:
 
 
 def wide_heads() -> DecoderConfig:
-    """head_dim set explicitly: 6 heads x 32 = 192 != hidden 96, so hidden_size cannot stand in for heads x head_dim."""
-    return DecoderConfig(vocab_size=500, hidden_size=96, intermediate_size=256, num_layers=2, num_heads=6,
-                         num_kv_heads=2, head_dim=32)
+    """head_dim set explicitly: 4 heads x 40 = 160 != hidden 96, so hidden_size cannot stand in for heads x head_dim
+    (and hidden // heads = 24 is not head_dim)."""
+    return DecoderConfig(vocab_size=500, hidden_size=96, intermediate_size=256, num_layers=2, num_heads=4,
+                         num_kv_heads=2, head_dim=40)
 
 
 def one_kv_head() -> DecoderConfig:
@@ -66,6 +67,14 @@ def weights_in_gib(n_params, bits):
     return n_params * bits / 8 / 2**30
 
 
+def weights_floor_division(n_params, bits):
+    return n_params * bits // 8
+
+
+def weights_rounded_up(n_params, bits):
+    return -(-n_params * bits // 8)
+
+
 register(Exercise(
     name="weights_bytes", lesson=LESSON, reference=weights_bytes, atol=1e-9, rtol=1e-9,
     description="bytes taken by n parameters stored with `bits` bits each",
@@ -81,6 +90,11 @@ register(Exercise(
         Mutant("inverted", weights_inverted, "bits per weight / 8 is the bytes per weight: n_params * bits / 8"),
         Mutant("gb", weights_in_gb, "return bytes, not GB (divide by 1e9 only when printing)"),
         Mutant("gib", weights_in_gib, "return bytes, not GiB (divide by 2**30 only when printing)"),
+        Mutant("floor_division", weights_floor_division,
+               "whole-number division dropped half bytes: 7 weights of 4 bits are 3.5 bytes - use / 8, not // 8"),
+        Mutant("rounded_up", weights_rounded_up,
+               "the bytes were rounded up to a whole number - return the exact n_params * bits / 8 (3.5 for 7 "
+               "weights of 4 bits)"),
     ],
 ))
 
@@ -93,8 +107,8 @@ def decoder_parameters(cfg: DecoderConfig) -> int:
 
 
 def _decoder_params(cfg, head: str = "tied", kv_heads=None, per_head: bool = True, norms: bool = True,
-                    mlp_matrices: int = 3) -> int:
-    d, hd = cfg.hidden_size, cfg.head_dim
+                    mlp_matrices: int = 3, final_norm: bool = True, head_dim_from_hidden: bool = False) -> int:
+    d, hd = cfg.hidden_size, cfg.hidden_size // cfg.num_heads if head_dim_from_hidden else cfg.head_dim
     kv = cfg.num_kv_heads if kv_heads is None else kv_heads
     if per_head:
         attention = 2 * d * cfg.num_heads * hd + 2 * d * kv * hd
@@ -102,7 +116,7 @@ def _decoder_params(cfg, head: str = "tied", kv_heads=None, per_head: bool = Tru
         attention = 4 * d * d
     per_layer = attention + mlp_matrices * d * cfg.intermediate_size + (2 * d if norms else 0)
     tables = {"tied": 1 if cfg.tie_word_embeddings else 2, "twice": 2, "once": 1}[head]
-    return tables * cfg.vocab_size * d + cfg.num_layers * per_layer + (d if norms else 0)
+    return tables * cfg.vocab_size * d + cfg.num_layers * per_layer + (d if norms and final_norm else 0)
 
 
 def params_tied_counted_twice(cfg):
@@ -129,11 +143,19 @@ def params_two_mlp_matrices(cfg):
     return _decoder_params(cfg, mlp_matrices=2)
 
 
+def params_no_final_norm(cfg):
+    return _decoder_params(cfg, final_norm=False)
+
+
+def params_head_dim_from_hidden(cfg):
+    return _decoder_params(cfg, head_dim_from_hidden=True)
+
+
 register(Exercise(
     name="decoder_parameters", lesson=LESSON, reference=decoder_parameters,
     description="parameters a decoder stores: embeddings (+ untied head), attention, SwiGLU MLP, norms",
     cases=[
-        Case("head_dim 32 x 6 heads = 192 != hidden 96, 2 KV heads, tied head", lambda: (wide_heads(),)),
+        Case("head_dim 40 x 4 heads = 160 != hidden 96, 2 KV heads, tied head", lambda: (wide_heads(),)),
         Case("SmolLM2-135M (tied head, 9 query / 3 KV heads)", lambda: (smollm2(),)),
         Case("a small decoder with an untied head", lambda: (small_untied(),)),
         Case("untied head, one KV head for 6 query heads", lambda: (one_kv_head(),)),
@@ -153,6 +175,10 @@ register(Exercise(
                "the RMSNorm weights are missing: 2 x hidden per layer, plus hidden for the final norm"),
         Mutant("two_mlp_matrices", params_two_mlp_matrices,
                "SwiGLU has three matrices (gate_proj, up_proj, down_proj), each hidden x intermediate"),
+        Mutant("no_final_norm", params_no_final_norm,
+               "the final RMSNorm after the last layer is missing: hidden more parameters"),
+        Mutant("head_dim_from_hidden", params_head_dim_from_hidden,
+               "head_dim is cfg.head_dim, which need not be hidden_size // num_heads (here 40, not 96 // 4 = 24)"),
     ],
 ))
 
@@ -167,6 +193,14 @@ def kv_cache_bytes(cfg: DecoderConfig, context: int, batch: int = 1, bytes_per_v
 def _kv(cfg, context, batch, bytes_per_value, heads=None, width=None, factor=2):
     width = width if width is not None else (heads if heads is not None else cfg.num_kv_heads) * cfg.head_dim
     return factor * cfg.num_layers * width * context * batch * bytes_per_value
+
+
+def kv_head_dim_from_hidden(cfg, context, batch=1, bytes_per_value=2):
+    return _kv(cfg, context, batch, bytes_per_value, width=cfg.num_kv_heads * (cfg.hidden_size // cfg.num_heads))
+
+
+def kv_per_token(cfg, context, batch=1, bytes_per_value=2):
+    return _kv(cfg, 1, batch, bytes_per_value)
 
 
 def kv_query_heads(cfg, context, batch=1, bytes_per_value=2):
@@ -193,7 +227,7 @@ register(Exercise(
     name="kv_cache_bytes", lesson=LESSON, reference=kv_cache_bytes, atol=1e-9, rtol=1e-9,
     description="2 (K and V) x layers x KV heads x head_dim x context x batch x bytes per value",
     cases=[
-        Case("head_dim 32, 2 KV heads, 6 query heads, hidden 96; 300 tokens, batch 1, int8",
+        Case("head_dim 40, 2 KV heads, 4 query heads, hidden 96; 300 tokens, batch 1, int8",
              lambda: (wide_heads(), 300, 1, 1)),
         Case("SmolLM2-135M, 1,024 tokens, batch 1, fp16", lambda: (smollm2(), 1024, 1, 2)),
         Case("SmolLM2-135M, 8,192 tokens, batch 4, fp32", lambda: (smollm2(), 8192, 4, 4)),
@@ -209,6 +243,9 @@ register(Exercise(
                "and as many for V"),
         Mutant("bits", kv_bits, "bytes_per_value is already in bytes: do not multiply by 8"),
         Mutant("no_batch", kv_no_batch, "each sequence of the batch has its own cache: multiply by batch"),
+        Mutant("head_dim_from_hidden", kv_head_dim_from_hidden,
+               "head_dim is cfg.head_dim, which need not be hidden_size // num_heads (here 40, not 96 // 4 = 24)"),
+        Mutant("per_token", kv_per_token, "that is the cache for one token: multiply by the context length"),
     ],
 ))
 
@@ -230,6 +267,14 @@ def _roofline(bandwidth_gb_s, cfg, weight_bits, context, kv_bytes_per_value, uni
     weight = params * (weight_bits if weight_bits_as_bytes else weight_bits / 8)
     cache = kv_cache_bytes(cfg, context, 1, kv_bytes_per_value) if kv else 0
     return bandwidth_gb_s * unit / (weight + cache)
+
+
+def roofline_seconds_per_token(bandwidth_gb_s, cfg, weight_bits, context, kv_bytes_per_value=2):
+    return 1 / _roofline(bandwidth_gb_s, cfg, weight_bits, context, kv_bytes_per_value)
+
+
+def roofline_kv_bytes_as_bits(bandwidth_gb_s, cfg, weight_bits, context, kv_bytes_per_value=2):
+    return _roofline(bandwidth_gb_s, cfg, weight_bits, context, 8 * kv_bytes_per_value)
 
 
 def roofline_gib(bandwidth_gb_s, cfg, weight_bits, context, kv_bytes_per_value=2):
@@ -270,5 +315,10 @@ register(Exercise(
                "an untied input embedding table is not read per token (the lookup reads one row); only the LM head "
                "is: count vocab x hidden once, tied or not"),
         Mutant("bits_as_bytes", roofline_bits_as_bytes, "weight_bits are bits: the weights read are params * bits / 8 bytes"),
+        Mutant("seconds_per_token", roofline_seconds_per_token,
+               "that is seconds per token (bytes / bandwidth) - tokens per second is bandwidth / bytes read per token"),
+        Mutant("kv_bytes_as_bits", roofline_kv_bytes_as_bits,
+               "kv_bytes_per_value is already in bytes: the cache read is kv_cache_bytes(cfg, context, 1, "
+               "kv_bytes_per_value), without a factor 8"),
     ],
 ))
