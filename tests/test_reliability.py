@@ -639,3 +639,19 @@ def test_eval_unknown_split_lists_the_splits(tmp_path, capsys):
     assert code == 2
     assert "no split 'nosuch' for subset 'shapes'" in err and "splits found there: ['test', 'train']" in err
     assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("verb", ["train", "eval", "export"])
+def test_assets_env_pointing_at_an_empty_folder_is_named(verb, tmp_path, trained_run, monkeypatch, capsys):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("VLM_COURSE_ASSETS", str(tmp_path / "empty"))
+    if verb == "train":
+        code = training.train_main(TRAIN + ["--max-steps", "1", "--output", str(tmp_path / "run")])
+    elif verb == "eval":
+        code = eval_main(["--profile", "tiny", "--limit", "1", "--out", str(tmp_path / "eval")])
+    else:
+        code = export_main(["--model", str(trained_run / "model"), "--out", str(tmp_path / "b"), "--no-gguf"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"VLM_COURSE_ASSETS={tmp_path / 'empty'} has no tokenizers/smollm2/tokenizer.json" in err
+    assert "or unset it" in err and "Traceback" not in err

@@ -1034,6 +1034,10 @@ def _load_eval_model(args: argparse.Namespace):
         torch.manual_seed(args.seed)  # the untrained parts are random: the same seed gives the same model
         model = VisionLanguageModel.from_profile(profile)
         description = f"profile {profile.name} (not trained on images)"
+    from .weights import tokenizer_problem
+
+    if tokenizer_problem(model.config.tokenizer):
+        raise FileNotFoundError(tokenizer_problem(model.config.tokenizer))
     return model, VLMProcessor.from_config(model.config), description
 
 

@@ -1107,7 +1107,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     from vlm_course.processing import VLMProcessor
     from vlm_course.vlm import VisionLanguageModel
-    from vlm_course.weights import apply_offline_env
+    from vlm_course.weights import apply_offline_env, tokenizer_problem
 
     apply_offline_env()
     args = build_arg_parser().parse_args(argv)
@@ -1116,6 +1116,8 @@ def train_main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, output_dir=args.output,
                           double_quant=not args.no_double_quant)
         check_output_folder(cfg.output_dir, args.resume)
+        if tokenizer_problem():
+            raise ValueError(tokenizer_problem())
         dist = DistContext.from_env(cfg.strategy)  # before any .cuda(): picks this process's GPU under torchrun
         say = print if dist.is_main else (lambda *a, **k: None)  # only rank 0 talks
         set_seed(cfg.seed)  # random-init profiles (tiny) must build the same weights when resuming (and everywhere)

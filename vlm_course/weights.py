@@ -96,6 +96,20 @@ def cache_slot(name: str) -> Path:
     return cache_dir() / name.replace("/", "--")
 
 
+def tokenizer_problem(name: str = "smollm2") -> str | None:
+    """Why the course tokenizer cannot load from the assets folder (VLM_COURSE_ASSETS wrong, file deleted), or None.
+    Names other than "smollm2" are paths or hub ids that transformers resolves itself."""
+    if name != "smollm2":
+        return None
+    file = assets_dir() / "tokenizers" / "smollm2" / "tokenizer.json"
+    if file.is_file():
+        return None
+    if os.environ.get("VLM_COURSE_ASSETS"):
+        return (f"VLM_COURSE_ASSETS={os.environ['VLM_COURSE_ASSETS']} has no tokenizers/smollm2/tokenizer.json: point "
+                f"it at the course's assets/ folder (e.g. {package_root().parent / 'assets'}), or unset it")
+    return f"the SmolLM2 tokenizer is missing from {file.parent}: git checkout -- assets/  (it is committed)"
+
+
 def cache_dir_problem() -> str | None:
     """What makes the course cache unusable (a file where the folder should be), or None."""
     folder = cache_dir()

@@ -291,6 +291,10 @@ def build_bundle(
     source = None if isinstance(model_dir_or_model, nn.Module) else Path(model_dir_or_model)
     check_bundle_target(out_dir, overwrite, source)  # before any work: nothing is lost, nothing wasted
     model = load_model_for_export(model_dir_or_model)
+    from ..weights import tokenizer_problem
+
+    if tokenizer_problem(model.config.tokenizer):
+        raise FileNotFoundError(tokenizer_problem(model.config.tokenizer))
     processor = VLMProcessor.from_config(model.config)
     model.config.image_token_id = processor.image_token_id
 
