@@ -655,3 +655,67 @@ def test_assets_env_pointing_at_an_empty_folder_is_named(verb, tmp_path, trained
     assert code == 2
     assert f"VLM_COURSE_ASSETS={tmp_path / 'empty'} has no tokenizers/smollm2/tokenizer.json" in err
     assert "or unset it" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. kill -9 at several moments of checkpointing
+
+KILL_DURING_CHECKPOINT = textwrap.dedent("""
+    import os, sys, tempfile, torch
+    from vlm_course import training
+    folder, moment, first = sys.argv[1], sys.argv[2], sys.argv[3] == "first"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    if not first:
+        training.save_checkpoint(folder, 1, model, optimizer, scheduler, {"marker": "one"})
+    def die_after(real):
+        def wrapper(*args, **kwargs):
+            result = real(*args, **kwargs)
+            os._exit(9)
+        return wrapper
+    def die_before(real):
+        def wrapper(*args, **kwargs):
+            os._exit(9)
+        return wrapper
+    if moment == "temporary folder created":
+        tempfile.mkdtemp = die_after(tempfile.mkdtemp)
+    elif moment == "weights written":
+        training.save_file = die_after(training.save_file)
+    elif moment == "before the rename":
+        os.replace = die_before(os.replace)
+    elif moment == "after the rename":
+        os.replace = die_after(os.replace)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    training.save_checkpoint(folder, 2, model, optimizer, scheduler, {"marker": "two"})
+""")
+
+
+@pytest.mark.parametrize("first", [False, True], ids=["with a previous checkpoint", "first checkpoint"])
+@pytest.mark.parametrize("moment", ["temporary folder created", "weights written", "before the rename",
+                                    "after the rename"])
+def test_kill_at_any_moment_of_checkpointing_leaves_a_whole_checkpoint(tmp_path, moment, first):
+    folder = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", KILL_DURING_CHECKPOINT, str(folder), moment,
+                             "first" if first else "later"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 9, result.stderr[-2000:]
+    latest = latest_checkpoint(folder)
+    if moment == "after the rename":
+        assert latest.name == "checkpoint-000002"
+    elif first:
+        assert latest is None
+        with pytest.raises(ValueError, match="a save was interrupted before the first checkpoint was complete"):
+            training.check_output_folder(folder, resume=True)
+        return
+    else:
+        assert latest.name == "checkpoint-000001"
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    state = training.load_checkpoint(latest, model, optimizer, scheduler)  # whole: every checksum verifies
+    assert state["marker"] == ("two" if latest.name.endswith("2") else "one")
+    training.save_checkpoint(folder, 3, model, optimizer, scheduler, {})  # the next save cleans up
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-000003"]
