@@ -240,3 +240,65 @@ def test_every_exercise_keeps_a_catalogue_of_mistakes():
 
     thin = {ex.name: len(ex.mutants) for ex in all_exercises() if len(ex.mutants) < 5}
     assert not thin, f"exercises with fewer than five catalogued mistakes: {thin}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The same mistake written another way gets the same hint
+
+
+@pytest.mark.parametrize(("name", "source", "fragment"), [
+    ("patchify", """
+def patchify(images, patch_size):
+    b, c, h, w = images.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError("not a multiple of the patch size")
+    x = images.unfold(2, patch_size, patch_size).unfold(3, patch_size, patch_size)  # (B, C, rows, cols, p, p)
+    return x.permute(0, 3, 2, 1, 4, 5).reshape(b, -1, c * patch_size * patch_size)
+""", "column-major order"),
+    ("patchify", """
+def patchify(images, patch_size):
+    b, c, h, w = images.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError("not a multiple of the patch size")
+    return F.unfold(images, patch_size, stride=patch_size)
+""", "F.unfold returns (B, C*p*p, N)"),
+    ("rms_norm", """
+def rms_norm(x, weight, eps=1e-5):
+    rms = x.norm(dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
+    return weight * (x / (rms + eps))
+""", "eps was added after the square root"),
+    ("answer_loss", """
+def answer_loss(logits, labels):
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return F.nll_loss(logp.flatten(0, 1), labels.flatten(), ignore_index=-100)
+""", "no shift"),
+    ("swiglu", """
+def swiglu(x, mlp):
+    g = mlp.gate_proj(x)
+    return mlp.down_proj(g * torch.sigmoid(g))
+""", "up_proj is missing"),
+    ("grouped_query_attention", """
+def grouped_query_attention(q, k, v):
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat(1, n_rep, 1, 1), v.repeat(1, n_rep, 1, 1)
+    tq, tk = q.shape[2], k.shape[2]
+    mask = torch.ones(tq, tk, dtype=torch.bool).tril(diagonal=tk - tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+""", "repeated as a tile"),
+    ("sampling_probs", """
+def sampling_probs(logits, temperature=1.0, top_k=None, top_p=None):
+    if temperature <= 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_k:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    if top_p is not None and top_p < 1.0:
+        p, order = probs.sort(dim=-1, descending=True)
+        drop = (p.cumsum(-1) - p) >= top_p
+        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+    return probs
+""", "not renormalised"),
+])
+def test_same_mistake_other_api_same_hint(name, source, fragment):
+    assert fragment in failure(name, learner(source))
