@@ -719,3 +719,12 @@ def test_kill_at_any_moment_of_checkpointing_leaves_a_whole_checkpoint(tmp_path,
     assert state["marker"] == ("two" if latest.name.endswith("2") else "one")
     training.save_checkpoint(folder, 3, model, optimizer, scheduler, {})  # the next save cleans up
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-000003"]
+
+
+def test_deploy_report_refuses_to_replace_the_run_folder(run_copy, tmp_path, capsys, no_work):
+    from vlm_course.deploy import report
+
+    before = snapshot(tmp_path)
+    assert report.main(["--model", str(run_copy / "model"), "--out", str(run_copy), "--skip-gguf"]) == 2
+    assert "holds the model being exported" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before

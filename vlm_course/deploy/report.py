@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ def greedy_agreement(model, bundle_dir, rows, max_new_tokens: int) -> float:
 def main(argv=None) -> int:
     from ..processing import load_tokenizer
     from ..vlm import VisionLanguageModel
-    from .bundle import build_bundle, load_model_for_export
+    from .bundle import build_bundle, check_bundle_target, load_model_for_export
     from .gguf_export import check_gguf_roundtrip, export_gguf
     from .onnx_export import check_onnx_parity
     from .quantize import compare_int8_accuracy
@@ -68,6 +69,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    try:  # before any work: only previous bundles are replaced, never the model, the cwd or other files
+        for out in (args.out, f"{args.out}-blockwise"):
+            check_bundle_target(out, overwrite=True, source=args.model)
+    except (FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     torch.manual_seed(args.seed)  # a profile's untrained parts (e.g. smol's projector) are random
     model = VisionLanguageModel.from_profile(args.profile) if args.profile else args.model
     model = load_model_for_export(model)
