@@ -7,7 +7,7 @@ torch.manual_seed(0)
 q, proc = build_model("smol", DemoRecipe())
 f = VisionLanguageModel.from_profile(get_profile("smol"))
 f.config.image_token_id = q.config.image_token_id
-sd = torch.load("runs/experiments/align_300.pt")
+sd = torch.load("runs/experiments/align_300.pt", weights_only=True)
 for m in (q, f):
     m.projector.load_state_dict(sd["projector"]); m.vision.load_state_dict(sd["vision"])
 s = load_samples("test", ["shapes"], 16)[:16]

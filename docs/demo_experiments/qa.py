@@ -9,7 +9,7 @@ torch.manual_seed(0)
 recipe = DemoRecipe(stages=(Stage("qlora", steps=steps, lr_projector=lr_proj, lr_vision=lr_vit, lr_lora=lr_lora, warmup_steps=max(1, steps // 10)),))
 model, proc = build_model("smol", recipe)
 if ckpt != "none":
-    sd = torch.load(ckpt)
+    sd = torch.load(ckpt, weights_only=True)
     model.projector.load_state_dict(sd["projector"]); model.vision.load_state_dict(sd["vision"])
 train_samples = load_samples("train", recipe.subsets, recipe.train_per_subset)
 test = load_samples("test", recipe.subsets, eval_n)
