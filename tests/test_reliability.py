@@ -449,6 +449,8 @@ def test_bad_profile_env_is_overridden_by_an_explicit_profile(monkeypatch):
 
 @pytest.mark.parametrize("option, value, words", [
     ("--lr-lora", "-0.0001", ["lr_lora must be a number >= 0", "-0.0001"]),
+    ("--lr-lora", "-1e-4", ["lr_lora must be a number >= 0", "-0.0001"]),  # argparse alone: "expected one argument"
+    ("--lr-decoder", "-inf", ["lr_decoder must be a number >= 0"]),
     ("--lr-projector", "nan", ["lr_projector must be a number >= 0"]),
     ("--weight-decay", "-0.1", ["weight_decay must be a number >= 0"]),
     ("--lora-dropout", "1.5", ["lora_dropout must be in [0, 1)"]),

@@ -1096,6 +1096,24 @@ def check_output_folder(output_dir, resume: bool, option: str = "--output") -> N
         raise ValueError(error)
 
 
+def _join_negative_numbers(argv: list[str]) -> list[str]:
+    """["--lr-lora", "-1e-4"] -> ["--lr-lora=-1e-4"]: argparse takes a negative number written with an exponent for
+    an option ("expected one argument"), so it would never reach the check that explains what is wrong with it."""
+    import re
+
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        if (token.startswith("--") and "=" not in token and i + 1 < len(argv)
+                and re.fullmatch(r"-(\d+\.?\d*|\.\d+)[eE][-+]?\d+|-(inf|nan)", argv[i + 1])):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
 def _write_json_atomically(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -1110,7 +1128,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from vlm_course.weights import apply_offline_env, tokenizer_problem
 
     apply_offline_env()
-    args = build_arg_parser().parse_args(argv)
+    args = build_arg_parser().parse_args(_join_negative_numbers(sys.argv[1:] if argv is None else list(argv)))
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     try:  # everything that can go wrong before the first step: say what and how to fix it, no traceback
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, output_dir=args.output,
