@@ -7,6 +7,7 @@ import torch
 
 from vlm_course import demo, pretrain_vit
 from vlm_course.config import get_profile
+from vlm_course.data import synthetic
 from vlm_course.processing import VLMProcessor
 from vlm_course.vision import VisionEncoder
 from vlm_course.vlm import VisionLanguageModel
@@ -201,4 +202,77 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     for name in ("loss_curve.png", "before_after.png", "samples.png", "results.json"):
         assert (tmp_path / name).exists(), name
     assert (tmp_path / "checkpoint" / "trainable.safetensors").exists()
-    assert len(result["history"]) == demo.quick_recipe(demo.DemoRecipe()).total_steps
+    recipe = demo.quick_recipe(demo.DemoRecipe())
+    solved = sum(stage.fit == "least_squares" for stage in recipe.stages)  # one history record each
+    assert len(result["history"]) == recipe.total_steps + solved
+    # Both figures per subset, and chance beside them, in the one-line summary.
+    for subset in demo.EVAL_SUBSETS:
+        assert f"{subset} " in last_line and "other image" in last_line and "chance" in last_line
+    assert set(result["other_image"]) == set(demo.EVAL_SUBSETS)
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo's image side: 3 x 3 blocks, two word-like tokens each, their place written in words
+
+
+def test_block_objects_name_the_block_of_each_centre_and_prefer_the_larger():
+    from vlm_course.data.synthetic import Shape
+    from vlm_course.pretrain_blocks import block_labels, block_objects
+
+    small = Shape("circle", "red", cx=5, cy=5, size=10)
+    large = Shape("square", "blue", cx=15, cy=15, size=12)  # same top-left block (0-21.3 px), larger
+    right = Shape("triangle", "green", cx=60, cy=32, size=12)  # middle row, right column
+    objects = block_objects([small, large, right], side=3)
+    assert objects[0] is large and objects[5] is right
+    assert sum(o is not None for o in objects) == 2
+    colour, shape = block_labels([right], side=3)
+    assert colour.tolist() == [0, 0, 0, 0, 0, 1 + synthetic.COLOURS.index("green"), 0, 0, 0]
+    assert shape[5] == 1 + synthetic.SHAPES.index("triangle")
+    assert demo.block_words([right], side=3)[10:12] == [" green", " triangle"]
+    assert demo.block_words([right], side=3)[:2] == [" no", " object"]
+
+
+def test_least_squares_projector_recovers_a_linear_map():
+    """If the words are an exact linear function of the block vectors, the closed-form fit finds it (error ~0)."""
+    torch.manual_seed(0)
+    recipe = demo.DemoRecipe()
+    model = demo.with_image_layout(VisionLanguageModel.from_profile("tiny"), recipe)
+    model.eval()
+    pixels = torch.randn(64, 3, recipe.image_size, recipe.image_size)
+    from vlm_course.projector import pixel_shuffle
+
+    with torch.no_grad():
+        blocks = pixel_shuffle(model.vision(pixels), recipe.shuffle_factor)  # (64, 9, D*9)
+        # A target table whose rows are exact linear images of the block vectors: pick "word ids" = rows of a
+        # small embedding table built from a random linear map, so the map is recoverable.
+    width = model.config.decoder.hidden_size
+    true = torch.randn(blocks.shape[-1], 2 * width) * 0.01
+    targets = (blocks @ true).reshape(64, -1, width)
+    vocab = targets.reshape(-1, width)
+    model.decoder.embed_tokens = torch.nn.Embedding.from_pretrained(vocab)
+    data = {"pixel_values": pixels, "word_ids": torch.arange(len(vocab)).reshape(64, -1)}
+    error = demo.fit_projector_to_words(model, data, ridge=1e-6)
+    assert error < 1e-3, f"relative squared error {error}"
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_images(pixels), targets, atol=1e-3, rtol=1e-2)
+
+
+def test_other_images_roll_within_each_subset():
+    samples = [{"subset": s, "image": f"{s}{i}", "question": f"q{i}", "answer": "a"}
+               for s in ("shapes", "count") for i in range(3)]
+    rolled = demo.with_other_images(samples)
+    assert [r["question"] for r in rolled] == [s["question"] for s in samples]
+    assert [r["image"] for r in rolled] == ["shapes2", "shapes0", "shapes1", "count2", "count0", "count1"]
+    assert all(r["image"] != s["image"] for r, s in zip(rolled, samples))
+
+
+def test_vision_resized_to_its_own_size_is_the_same_function():
+    from vlm_course.vision import VisionEncoder
+
+    torch.manual_seed(0)
+    encoder = VisionEncoder.from_siglip("course-vit-smol").eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.resized(64)(pixels), encoder(pixels), atol=1e-5, rtol=1e-5)
+        bigger = encoder.resized(72)
+        assert bigger.cfg.grid_size == 9 and bigger(torch.randn(1, 3, 72, 72)).shape == (1, 81, encoder.cfg.hidden_size)

@@ -134,3 +134,25 @@ def test_padding_sides(processor):
     assert gen["pixel_values"].shape == (2, 3, 64, 64)
     with pytest.raises(ValueError, match="images for"):
         processor([image()], ["q1", "q2"])
+
+
+def test_grid_layout_writes_each_blocks_place_before_its_tokens():
+    from vlm_course.config import DecoderConfig, ProjectorConfig, VisionConfig, VLMConfig
+    from vlm_course.processing import POSITION_WORDS, VLMProcessor, grid_labels
+
+    config = VLMConfig(vision=VisionConfig(image_size=72, patch_size=8, hidden_size=16, intermediate_size=32,
+                                           num_layers=1, num_heads=2),
+                       projector=ProjectorConfig(shuffle_factor=3, tokens_per_block=2),
+                       decoder=DecoderConfig(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+                                             num_kv_heads=1), image_layout="grid", max_length=256)
+    assert config.image_tokens_per_image == 18
+    processor = VLMProcessor.from_config(config, system_prompt=None)
+    ids = processor.encode_prompt("Where is the red circle?", [Image.new("RGB", (64, 64))])["input_ids"]
+    assert int((ids == processor.image_token_id).sum()) == 18
+    text = processor.tokenizer.decode(ids)
+    expected = "".join(f" {label}<image><image>" for label in POSITION_WORDS) + "\n"
+    assert expected in text
+    assert grid_labels(2) == ["row 1 col 1", "row 1 col 2", "row 2 col 1", "row 2 col 2"]
+    plain = VLMProcessor.from_config(VLMConfig.from_dict({**config.to_dict(), "image_layout": "plain"}),
+                                     system_prompt=None)
+    assert plain.image_block == [plain.image_token_id] * 18

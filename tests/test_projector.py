@@ -52,3 +52,22 @@ def test_projector_matches_idefics3_connector():
 def test_mlp_projector_shapes():
     proj = ModalityProjector(ProjectorConfig(shuffle_factor=2, kind="mlp"), 10, 24)
     assert proj(torch.randn(2, 16, 10)).shape == (2, 4, 24)
+
+
+def test_tokens_per_block_puts_a_blocks_tokens_side_by_side():
+    """k tokens per block: the linear's output k*D is cut into k consecutive tokens, blocks stay in order."""
+    import torch
+
+    from vlm_course.config import ProjectorConfig
+    from vlm_course.projector import ModalityProjector, pixel_shuffle
+
+    torch.manual_seed(0)
+    one = ModalityProjector(ProjectorConfig(shuffle_factor=3), 8, 16)
+    two = ModalityProjector(ProjectorConfig(shuffle_factor=3, tokens_per_block=2), 8, 16)
+    patches = torch.randn(2, 81, 8)
+    out = two(patches)
+    assert out.shape == (2, 18, 16)
+    full = two.proj(pixel_shuffle(patches, 3))  # (2, 9, 32)
+    torch.testing.assert_close(out[:, 0::2], full[..., :16])
+    torch.testing.assert_close(out[:, 1::2], full[..., 16:])
+    assert one(patches).shape == (2, 9, 16)

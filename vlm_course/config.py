@@ -58,12 +58,17 @@ class ProjectorConfig:
     kind: str = "linear"  # "linear" (nanoVLM, Idefics3) or "mlp" (LLaVA-1.5 style: linear-GELU-linear)
     mlp_hidden_size: int | None = None  # for kind="mlp"; defaults to the decoder width
     bias: bool = False  # nanoVLM and Idefics3 use one bias-free linear
+    # Decoder tokens per pixel-shuffled block. 1 (nanoVLM, Idefics3): one token per block. The demo uses 2, so
+    # that a block can be written as two words, "red circle", in the decoder's own embedding space.
+    tokens_per_block: int = 1
 
     def __post_init__(self):
         if self.kind not in ("linear", "mlp"):
             raise ValueError(f"projector kind must be 'linear' or 'mlp', got {self.kind!r}")
         if self.shuffle_factor < 1:
             raise ValueError(f"shuffle_factor must be >= 1, got {self.shuffle_factor}")
+        if self.tokens_per_block < 1:
+            raise ValueError(f"tokens_per_block must be >= 1, got {self.tokens_per_block}")
 
 
 @dataclass
@@ -96,6 +101,9 @@ class DecoderConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
 
+IMAGE_LAYOUTS = ("plain", "grid")
+
+
 @dataclass
 class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -105,6 +113,10 @@ class VLMConfig:
     image_token_id: int | None = None  # set from the tokenizer (processing.load_tokenizer adds the token)
     tokenizer: str = "smollm2"  # name understood by processing.load_tokenizer, or a local path
     max_length: int = 2048  # longest sequence the processor lets through (prompt + answer)
+    # How the processor lays out one image's tokens. "plain": one run of <image> tokens (nanoVLM). "grid": each
+    # block's place in words before its tokens ("top left <image><image> top <image><image> ..."), as Idefics3
+    # writes <row_1_col_1> before each tile, so the decoder reads *where* a block is instead of inferring it.
+    image_layout: str = "plain"
 
     def __post_init__(self):
         # Accept plain dicts (as read back from config.json).
@@ -120,11 +132,18 @@ class VLMConfig:
                 f"the patch grid {grid}x{grid} (image_size {self.vision.image_size} / patch_size "
                 f"{self.vision.patch_size}) is not divisible by the pixel-shuffle factor {r}"
             )
+        if self.image_layout not in IMAGE_LAYOUTS:
+            raise ValueError(f"image_layout must be one of {IMAGE_LAYOUTS}, got {self.image_layout!r}")
+
+    @property
+    def block_grid_size(self) -> int:
+        """Blocks per side after pixel shuffle: (image_size / patch_size) / r."""
+        return self.vision.grid_size // self.projector.shuffle_factor
 
     @property
     def image_tokens_per_image(self) -> int:
-        """Tokens one image costs in the decoder: (image_size / patch_size)^2 / r^2."""
-        return self.vision.num_patches // self.projector.shuffle_factor**2
+        """Tokens one image costs in the decoder: (image_size / patch_size)^2 / r^2 blocks x tokens_per_block."""
+        return self.block_grid_size**2 * self.projector.tokens_per_block
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

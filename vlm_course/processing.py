@@ -97,6 +97,20 @@ class ImageTransform:
 
 
 # ----------------------------------------------------------------------------------------------
+# Where a block sits, in words (image_layout="grid")
+
+# A 3 x 3 grid is named as people name the parts of a picture (and as the mini-cauldron's position answers).
+POSITION_WORDS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+
+
+def grid_labels(side: int) -> list[str]:
+    """Names of the blocks of a side x side grid, row by row: the nine position words for 3 x 3, else 'row i col j'."""
+    if side == 3:
+        return list(POSITION_WORDS)
+    return [f"row {i + 1} col {j + 1}" for i in range(side) for j in range(side)]
+
+
+# ----------------------------------------------------------------------------------------------
 # Tokenizer
 
 
@@ -129,6 +143,7 @@ class VLMProcessor:
             raise ValueError(f"the tokenizer has no {config.image_token!r} token: load it with load_tokenizer()")
         config.image_token_id = self.image_token_id
         self.tokens_per_image = config.image_tokens_per_image
+        self.image_block = self.image_block_ids()
         self.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
 
@@ -146,9 +161,20 @@ class VLMProcessor:
             return torch.zeros(0, 3, self.config.vision.image_size, self.config.vision.image_size)
         return torch.stack([self.image_transform(image) for image in images])
 
+    def image_block_ids(self) -> list[int]:
+        """The ids one image becomes: `tokens_per_image` <image> ids, with each block's place in words before its
+        tokens when config.image_layout is "grid" (" top left" <image> <image> " top" <image> <image> ...)."""
+        if self.config.image_layout == "plain":
+            return [self.image_token_id] * self.tokens_per_image
+        per_block = self.config.projector.tokens_per_block
+        ids = []
+        for label in grid_labels(self.config.block_grid_size):
+            ids += self.text_ids(" " + label) + [self.image_token_id] * per_block
+        return ids + self.text_ids("\n")
+
     def user_content_ids(self, text: str, num_images: int) -> list[int]:
         """The user's message with image blocks: where the text has <image> markers, else before the text."""
-        block = [self.image_token_id] * self.tokens_per_image
+        block = self.image_block
         parts = text.split(IMAGE_TOKEN)
         if len(parts) == 1:  # no markers: images first, as nanoVLM does
             return block * num_images + self.text_ids(text)

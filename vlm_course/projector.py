@@ -46,14 +46,15 @@ class ModalityProjector(nn.Module):
         super().__init__()
         self.cfg = cfg
         in_features = vision_hidden_size * cfg.shuffle_factor**2
+        out_features = decoder_hidden_size * cfg.tokens_per_block  # k tokens per block: k widths side by side
         if cfg.kind == "linear":
-            self.proj = nn.Linear(in_features, decoder_hidden_size, bias=cfg.bias)
+            self.proj = nn.Linear(in_features, out_features, bias=cfg.bias)
         else:
             hidden = cfg.mlp_hidden_size or decoder_hidden_size
             self.proj = nn.Sequential(
                 nn.Linear(in_features, hidden, bias=True),
                 nn.GELU(),
-                nn.Linear(hidden, decoder_hidden_size, bias=True),
+                nn.Linear(hidden, out_features, bias=True),
             )
         self.reset_parameters()
 
@@ -67,5 +68,8 @@ class ModalityProjector(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixel_shuffle(patches, self.cfg.shuffle_factor))
+        tokens = self.proj(pixel_shuffle(patches, self.cfg.shuffle_factor))  # (B, blocks, k * D)
+        batch, blocks, width = tokens.shape
+        k = self.cfg.tokens_per_block
+        return tokens.reshape(batch, blocks * k, width // k)  # a block's k tokens side by side in the sequence
 

@@ -123,6 +123,26 @@ class VisionEncoder(nn.Module):
         x = self.post_layernorm(x)
         return (x, hidden_states) if output_hidden_states else x
 
+    def resized(self, image_size: int) -> "VisionEncoder":
+        """A copy for another image size: the learned position embeddings are resampled (bicubic) to the new
+        patch grid, as DeiT and timm do when fine-tuning a ViT at a higher resolution; every other weight is
+        shared in value. The patch size stays."""
+        import dataclasses
+
+        import torch.nn.functional as F
+
+        cfg = dataclasses.replace(self.cfg, image_size=image_size)
+        new = VisionEncoder(cfg)
+        state = {k: v for k, v in self.state_dict().items() if k != "embeddings.position_embedding.weight"}
+        new.load_state_dict(state, strict=False)
+        old_grid, width = self.cfg.grid_size, self.cfg.hidden_size
+        table = self.embeddings.position_embedding.weight.detach().reshape(1, old_grid, old_grid, width)
+        table = F.interpolate(table.permute(0, 3, 1, 2), size=(cfg.grid_size, cfg.grid_size), mode="bicubic",
+                              align_corners=False)
+        with torch.no_grad():
+            new.embeddings.position_embedding.weight.copy_(table.permute(0, 2, 3, 1).reshape(-1, width))
+        return new
+
     @classmethod
     def from_siglip(cls, path, dtype: torch.dtype = torch.float32) -> "VisionEncoder":
         """Build from a SigLIP (or Idefics3 / SmolVLM) checkpoint in transformers naming, through our name map."""
