@@ -264,6 +264,12 @@ def test_other_images_roll_within_each_subset():
     assert [r["question"] for r in rolled] == [s["question"] for s in samples]
     assert [r["image"] for r in rolled] == ["shapes2", "shapes0", "shapes1", "count2", "count0", "count1"]
     assert all(r["image"] != s["image"] for r, s in zip(rolled, samples))
+    # Two questions about one scene (a two-turn row) never get each other's image: that would be the same scene.
+    scene = object()
+    pair = [{"subset": "shapes", "image": scene, "question": "a", "answer": "x"},
+            {"subset": "shapes", "image": scene, "question": "b", "answer": "y"},
+            {"subset": "shapes", "image": "other", "question": "c", "answer": "z"}]
+    assert [r["image"] for r in demo.with_other_images(pair)] == ["other", "other", scene]
 
 
 def test_vision_resized_to_its_own_size_is_the_same_function():

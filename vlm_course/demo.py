@@ -94,8 +94,9 @@ class DemoRecipe:
     # by 3 into 3 x 3 blocks, one per part of the picture a person names ("top left", ..., "bottom right"). Each
     # block becomes 2 tokens, and the processor writes the block's place in words before them (layout "grid").
     image_size: int = 72
-    # Where the ViT starts: a folder in SigLIP naming, or None for the smol profile's ViT resized to image_size.
-    vision_weights: str | None = None
+    # Where the ViT starts: a folder in SigLIP naming (a relative name is looked up in assets/ too), or None for the
+    # profile's ViT resized to image_size. assets/vit_demo: `python -m vlm_course.pretrain_blocks` (per-block heads).
+    vision_weights: str | None = "vit_demo"
     shuffle_factor: int = 3
     tokens_per_block: int = 2
     image_layout: str = "grid"
@@ -105,7 +106,7 @@ class DemoRecipe:
         # the embeddings of " red" " circle" (or " no" " object"). No decoder pass: seconds per 100 steps.
         Stage("words", steps=0, lr_projector=0.0, lr_vision=0.0, lr_lora=0.0, warmup_steps=0, data="words",
               fit="least_squares", scenes=16_000),
-        Stage("qlora", steps=150, lr_projector=0.0, lr_vision=0.0, lr_lora=1e-3, warmup_steps=10),
+        Stage("qlora", steps=200, lr_projector=0.0, lr_vision=0.0, lr_lora=1e-3, warmup_steps=10),
     ))
     max_new_tokens: int = 4  # every answer is 1-2 tokens + <|im_end|>
     eval_batch_size: int = 50
@@ -529,13 +530,16 @@ def evaluate(model, processor: VLMProcessor, samples: list[dict], batch_size: in
 
 
 def with_other_images(samples: list[dict]) -> list[dict]:
-    """The same questions, each with another scene's image: within a subset, image i goes to question i + 1 (the
-    batch rolled by one). An answer that was read from the picture should now fall to chance."""
+    """The same questions, each with another scene's image: within a subset, question i gets the image of the next
+    sample that shows a different scene (the batch rolled by one; the two questions of a two-turn row share their
+    scene, so that one is skipped). An answer that was read from the picture should now fall to chance."""
     out = []
     for subset in dict.fromkeys(s["subset"] for s in samples):
         group = [s for s in samples if s["subset"] == subset]
-        images = [s["image"] for s in group]
-        out += [{**s, "image": image} for s, image in zip(group, images[-1:] + images[:-1])]
+        for i, s in enumerate(group):
+            others = (group[(i + k) % len(group)]["image"] for k in range(1, len(group)))
+            image = next((im for im in others if im is not s["image"]), s["image"])
+            out.append({**s, "image": image})
     return out
 
 
@@ -613,17 +617,22 @@ def save_figures(out: Path, history: list[dict], before: dict, after: dict, reco
 def save_checkpoint(model: VisionLanguageModel, out: Path, recipe: DemoRecipe) -> Path:
     """The trained weights: ViT, projector and LoRA adapters (safetensors), with the recipe and model config.
 
-    The 4-bit base is not saved: it is the public SmolLM2-135M-Instruct, rebuilt by `build_model`.
+    The 4-bit base is not saved: it is the public SmolLM2-135M-Instruct, rebuilt by `build_model`; nor is a ViT that
+    no stage trained (it is recipe.vision_weights, in assets/).
     """
     from safetensors.torch import save_file
 
     folder = out / "checkpoint"
     tmp = out / ".checkpoint-tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    state = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
+    state = {}
+    if any(s.lr_vision > 0 for s in recipe.stages) or not recipe.vision_weights:  # else: recipe.vision_weights
+        state.update({f"vision.{k}": v for k, v in model.vision.state_dict().items()})
     state.update({f"projector.{k}": v for k, v in model.projector.state_dict().items()})
     state.update({f"decoder.{n}": p for n, p in model.decoder.named_parameters() if "lora_" in n})
-    save_file({k: v.detach().float().contiguous() for k, v in state.items()}, tmp / "trainable.safetensors")
+    # float16: half the size (the committed copy is ~14 MB) and exact enough: assets/demo_checkpoint, reloaded,
+    # gives the figures docs/demo_findings.md reports.
+    save_file({k: v.detach().half().contiguous() for k, v in state.items()}, tmp / "trainable.safetensors")
     model.config.save(tmp / "config.json")
     with open(tmp / "recipe.json", "w") as f:
         json.dump(asdict(recipe), f, indent=2)
@@ -642,16 +651,22 @@ def save_checkpoint(model: VisionLanguageModel, out: Path, recipe: DemoRecipe) -
 # The demo
 
 
-def with_image_layout(model: VisionLanguageModel, recipe: DemoRecipe) -> VisionLanguageModel:
-    """The recipe's image side on a profile's model: the ViT resized to recipe.image_size (position embeddings
-    resampled), a fresh projector for the recipe's shuffle factor and tokens per block, and the prompt layout."""
+def with_image_layout(model: VisionLanguageModel, recipe: DemoRecipe, pretrained: bool = True) -> VisionLanguageModel:
+    """The recipe's image side on a profile's model: the recipe's ViT (if `pretrained`; the random `tiny` profile
+    keeps its own) at recipe.image_size (position embeddings resampled), a fresh projector for the recipe's
+    shuffle factor and tokens per block, and the prompt layout."""
     from .config import ProjectorConfig, VLMConfig
     from .projector import ModalityProjector
     from .vision import VisionEncoder
 
     config = model.config
-    if recipe.vision_weights:
-        model.vision = VisionEncoder.from_siglip(recipe.vision_weights)
+    if recipe.vision_weights and pretrained:
+        path = Path(recipe.vision_weights)
+        if not path.is_absolute() and not path.exists():
+            from .weights import assets_dir
+
+            path = assets_dir() / path
+        model.vision = VisionEncoder.from_siglip(path)
     if model.vision.cfg.image_size != recipe.image_size:
         model.vision = model.vision.resized(recipe.image_size)
     config.vision = model.vision.cfg
@@ -665,7 +680,7 @@ def with_image_layout(model: VisionLanguageModel, recipe: DemoRecipe) -> VisionL
 
 def build_model(profile: str, recipe: DemoRecipe) -> tuple[VisionLanguageModel, VLMProcessor]:
     prof = get_profile(profile)
-    model = with_image_layout(VisionLanguageModel.from_profile(prof), recipe)
+    model = with_image_layout(VisionLanguageModel.from_profile(prof), recipe, pretrained=prof.vision_weights is not None)
     processor = VLMProcessor.from_config(model.config, system_prompt=recipe.system_prompt)
     make_qlora(model, recipe)
     return model, processor

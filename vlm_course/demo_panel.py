@@ -58,8 +58,10 @@ def load_demo_checkpoint(folder="runs/demo/checkpoint", profile: str = "smol"):
     model, processor = build_model(profile, recipe)
     state = load_file(weights)
     result = model.load_state_dict(state, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"{folder} does not match the {profile!r} demo model: unexpected {result.unexpected_keys[:4]}")
+    missing = [k for k in result.missing_keys if k.startswith("projector.") or "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"{folder} does not match the {profile!r} demo model: unexpected {result.unexpected_keys[:4]}, "
+                         f"missing {missing[:4]}; was it written by another version of the demo? run `make demo` again")
     return model.eval(), processor
 
 
@@ -105,6 +107,8 @@ def image_attention(model: VisionLanguageModel, processor, image, question: str)
     weights = torch.stack(captured).mean(0)  # average over layers
     is_image = batch["input_ids"][0] == processor.image_token_id
     image_weights = weights[is_image.to(weights.device)].cpu().numpy()
+    per_block = model.config.projector.tokens_per_block  # a block's tokens sit side by side: add them up
+    image_weights = image_weights.reshape(-1, per_block).sum(-1)
     side = math.isqrt(len(image_weights))
     return image_weights.reshape(side, side)
 
@@ -152,15 +156,15 @@ def example_images() -> dict[str, Image.Image]:
     try:
         from .data.cauldron import load_mini_cauldron
 
-        for row in load_mini_cauldron("test", subsets=["shapes", "count", "spatial"], max_per_subset=3):
+        for row in load_mini_cauldron("test", subsets=["shapes", "count", "position", "spatial"], max_per_subset=3):
             images[f"held-out {row['source']}: {row['texts'][0]['user'][:40]}"] = row["images"][0]
     except Exception as err:  # the panel still works with the asset pictures
         print(f"(mini-cauldron images unavailable: {err})")
     return images
 
 
-def demo_panel(before, after, questions=("What colour is the circle?", "How many shapes are there?",
-                                          "Is the red shape left of the blue one?")):
+def demo_panel(before, after, questions=("What colour is the circle?", "In which part of the image is the circle?",
+                                          "How many shapes are there?", "Is the red shape left of the blue one?")):
     """ipywidgets: pick an image (or upload one), ask, compare. Falls back to one static figure without widgets."""
     images = example_images()
     try:
