@@ -419,6 +419,23 @@ def test_truncated_config_json_names_the_file(run_copy):
         VisionLanguageModel.from_pretrained(run_copy / "model")
 
 
+def test_config_saved_before_later_keys_existed_still_loads(run_copy):
+    from vlm_course.vlm import CONFIG_KEYS_ADDED_LATER
+
+    def drop_later_keys(config):
+        for key in CONFIG_KEYS_ADDED_LATER:
+            section, _, name = key.rpartition(".")
+            (config[section] if section else config).pop(name)
+
+    edit_config(run_copy / "model", drop_later_keys)
+    fresh = VisionLanguageModel(get_profile("tiny").config)
+    loaded = VisionLanguageModel.from_pretrained(run_copy / "model")
+    for key in CONFIG_KEYS_ADDED_LATER:  # the defaults: what the course did before these keys
+        section, _, name = key.rpartition(".")
+        ours, default = (getattr(m.config, section) if section else m.config for m in (loaded, fresh))
+        assert getattr(ours, name) == getattr(default, name)
+
+
 def test_valid_config_still_loads_exactly(trained_run):
     model = VisionLanguageModel.from_pretrained(trained_run / "model")
     saved = json.loads((trained_run / "model" / "config.json").read_text())

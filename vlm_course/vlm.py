@@ -218,6 +218,12 @@ def _type_ok(value, annotation: str) -> bool:
     return False
 
 
+# Keys added to the configs after models were first saved, with defaults that do what the course did before
+# them: a config.json without them was written by an earlier version and loads as it did. Any other missing key
+# is an error (its default may differ from the saved model). Add a key here when adding a config field.
+CONFIG_KEYS_ADDED_LATER = {"image_layout", "projector.tokens_per_block"}
+
+
 def config_problems(data, cls=VLMConfig, where: str = "") -> list[str]:
     """Every missing key, unknown key and wrongly typed value of a config dict, checked against the dataclasses."""
     import dataclasses
@@ -231,6 +237,8 @@ def config_problems(data, cls=VLMConfig, where: str = "") -> list[str]:
         problems.append(f"unknown key {where}{name!r}")
     for name, f in fields.items():
         if name not in data:
+            if f"{where}{name}" in CONFIG_KEYS_ADDED_LATER:
+                continue
             problems.append(f"missing {'section' if not where and name in sections else 'key'} {where}{name!r}")
         elif not where and name in sections:
             problems += config_problems(data[name], sections[name], f"{name}.")
