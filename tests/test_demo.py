@@ -282,3 +282,29 @@ def test_vision_resized_to_its_own_size_is_the_same_function():
         torch.testing.assert_close(encoder.resized(64)(pixels), encoder(pixels), atol=1e-5, rtol=1e-5)
         bigger = encoder.resized(72)
         assert bigger.cfg.grid_size == 9 and bigger(torch.randn(1, 3, 72, 72)).shape == (1, 81, encoder.cfg.hidden_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# The committed trained model (assets/demo_checkpoint): real SmolLM2 (offline GGUF), held-out questions
+
+
+def test_committed_demo_checkpoint_answers_from_the_picture():
+    """The checkpoint `make demo` trained, as committed: right on held-out colour/shape and position questions,
+    and at chance on the same questions with another scene's image (so the answers were read from the picture)."""
+    from vlm_course.demo_panel import load_demo_checkpoint
+    from vlm_course.vlm import answer
+
+    folder = assets_dir() / "demo_checkpoint"
+    results = json.loads((folder / "results.json").read_text())
+    assert results["after"]["shapes"] >= 0.9 and results["other_image"]["shapes"] <= 0.3
+    model, processor = load_demo_checkpoint(folder)
+    samples = demo.load_samples("test", ("shapes", "position"), 24)
+    questions = [s["question"] for s in samples]
+    right = answer(model, processor, [s["image"] for s in samples], questions, max_new_tokens=4)
+    other = answer(model, processor, [s["image"] for s in demo.with_other_images(samples)], questions,
+                   max_new_tokens=4)
+    gold = [s["answer"] for s in samples]
+    right_acc = sum(p == g for p, g in zip(right, gold)) / len(gold)
+    other_acc = sum(p == g for p, g in zip(other, gold)) / len(gold)
+    assert right_acc >= 0.75, f"held-out accuracy {right_acc:.2f}: {list(zip(questions, right, gold))[:6]}"
+    assert other_acc <= 0.35, f"with another scene's image still {other_acc:.2f}: the answers ignore the picture"
