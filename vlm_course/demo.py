@@ -1,24 +1,30 @@
-"""The offline instructor demo: a real VLM trained on a laptop CPU, offline, in about 17 minutes.
+"""The offline instructor demo: a real VLM trained on a laptop CPU, offline, in about 21 minutes.
 
-    python -m vlm_course demo            # (or `make demo`) profile smol: ~17 min in all on 2 CPU cores
+    python -m vlm_course demo            # (or `make demo`) profile smol: ~21 min in all on 2 CPU cores
     python -m vlm_course demo --quick    # a few steps: checks the pipeline end to end
     python -m vlm_course demo --profile tiny --quick    # seconds: random tiny model (tests)
 
 What it does, with no network:
-  1. builds the `smol` VLM: the course's pretrained ViT (assets/vit_smol) + pixel shuffle (16 image tokens)
+  1. builds the `smol` VLM with the demo's image side: the course ViT pretrained per block (assets/vit_demo, 72 px)
+     + pixel shuffle into 3 x 3 blocks, two tokens each, each block's place written in words before its tokens
      + the real SmolLM2-135M-Instruct (from the offline GGUF; converted once, ~25 s);
   2. QLoRA: the decoder's linear layers become 4-bit NF4 (bitsandbytes) and get LoRA adapters (peft);
-  3. measures the untrained model on the held-out mini-cauldron (shapes, count, spatial, mc);
-  4. trains in two stages (see `DemoRecipe`), with a tqdm bar and a loss curve;
-  5. measures again, prints sample answers, saves figures and the checkpoint under runs/demo/, and ends
-     with one line of figures.
+  3. measures the untrained model on the held-out mini-cauldron (shapes, count, position, spatial, mc);
+  4. trains in two stages (see `DemoRecipe`): the projector solved by least squares onto the decoder's word
+     embeddings, then QLoRA on the questions, with a tqdm bar and a loss curve;
+  5. measures again, with the right image and with another scene's, prints sample answers, saves figures and the
+     checkpoint under runs/demo/ (never assets/), and ends with one line of figures.
+
+The committed copy, assets/demo_checkpoint, is this run's output: `python -m vlm_course demo`, then
+`cp runs/demo/checkpoint/* runs/demo/results.json runs/demo/*.png assets/demo_checkpoint/`.
 
 The recipe, and why each number is what it is, lives in `DemoRecipe` below.
 
-Status (measured on 2 cores, 2026-11-30; 200 held-out questions per subset): after 13.4 min of training the
-model reads colour and shape from the image (shapes 0.00 -> 0.49, chance 0.20) but not counts or relations:
-count 0.24, spatial 0.51, mc 0.28 (chance 0.20 / 0.50 / 0.25). The targets (85% / 80%) are not met.
-docs/demo_findings.md has the measurements, what was ruled out and what to try next.
+Status (measured by `make demo` on 2 cores, 2026-12-01; 200 held-out questions per subset): after 13.7 min of
+training the model reads colour/shape and position from the picture: shapes 0.00 -> 0.94 and position 0.00 -> 0.83,
+falling to 0.23 and 0.08 (chance 0.20, 0.11) with another scene's image. Counting, spatial relations and lettered
+options are not learnt: count 0.20, spatial 0.51, mc 0.27 (chance 0.20 / 0.50 / 0.25). The trained weights are
+committed in assets/demo_checkpoint; docs/demo_findings.md section 12 has the recipe's measurements.
 """
 
 from __future__ import annotations
