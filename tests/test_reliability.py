@@ -15,6 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -747,3 +748,84 @@ def test_deploy_report_refuses_to_replace_the_run_folder(run_copy, tmp_path, cap
     assert report.main(["--model", str(run_copy / "model"), "--out", str(run_copy), "--skip-gguf"]) == 2
     assert "holds the model being exported" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# Image arrays and pixel values in the common forms; the rest refused with what to do
+
+
+def _tiny_processor():
+    from vlm_course.config import get_profile
+    from vlm_course.processing import VLMProcessor
+
+    return VLMProcessor.from_config(get_profile("tiny").config, system_prompt=None)
+
+
+def _picture():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("form", ["float01_hwc", "float01_chw", "uint8_chw", "float255_hwc"])
+def test_common_image_array_forms_give_the_same_pixels(form):
+    processor = _tiny_processor()
+    picture = _picture()
+    array = {"float01_hwc": picture / 255.0, "float01_chw": np.moveaxis(picture / 255.0, -1, 0).astype(np.float32),
+             "uint8_chw": np.moveaxis(picture, -1, 0), "float255_hwc": picture.astype(np.float32)}[form]
+    torch.testing.assert_close(processor.image_transform(array), processor.image_transform(picture))
+
+
+@pytest.mark.parametrize("array, words", [
+    (np.full((32, 32, 3), -0.5), "undo that first"),  # a normalised (mean/std) image
+    (np.full((32, 32, 3), np.nan), "NaN"),
+    (np.zeros((32, 32, 5)), "shape"),
+    (np.zeros((32, 32, 3), dtype=bool), "numbers"),
+])
+def test_ambiguous_image_arrays_are_refused_clearly(array, words):
+    with pytest.raises(ValueError, match=words):
+        _tiny_processor().image_transform(array)
+
+
+def test_pixel_values_uint8_nan_and_float64():
+    from vlm_course.vision import VisionEncoder
+
+    processor = _tiny_processor()
+    encoder = VisionEncoder(processor.config.vision).eval()
+    pixels = processor.preprocess_images([_picture()])
+    with pytest.raises(ValueError, match="processor"):
+        encoder((pixels * 127 + 128).to(torch.uint8))
+    with pytest.raises(ValueError, match="NaN"):
+        encoder(torch.full_like(pixels, float("nan")))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixels.double()), encoder(pixels))  # float64: unambiguous, accepted
+
+
+def test_exif_orientation_is_applied_when_the_processor_opens_a_file(tmp_path):
+    from PIL import Image
+
+    from vlm_course.processing import open_image
+
+    picture = Image.fromarray(_picture())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    path = tmp_path / "photo.jpg"
+    picture.save(path, exif=exif, quality=100)
+    opened = open_image(path)
+    assert opened.size == (picture.height, picture.width), "a sideways photo stayed sideways"
+
+
+def test_unclear_inputs_get_messages_that_say_what_to_do():
+    from vlm_course.vlm import VisionLanguageModel
+
+    processor = _tiny_processor()
+    with pytest.raises(ValueError, match="not text"):
+        processor.encode_conversation([{"user": None}], [_picture()], add_generation_prompt=True)
+    with pytest.raises(ValueError, match="first user turn"):
+        processor.encode_conversation([{"user": "<image> hi", "assistant": "a"},
+                                       {"user": "and <image>?", "assistant": "b"}], [_picture()])
+    from vlm_course.processing import VLMProcessor
+
+    model = VisionLanguageModel.from_profile("tiny").eval()
+    batch = VLMProcessor.from_config(model.config, system_prompt=None)([_picture()], ["What colour?"])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], max_new_tokens=0)

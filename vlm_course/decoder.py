@@ -334,6 +334,8 @@ def generate(
     eos_ids = torch.tensor([] if eos_token_id is None else
                            ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)), device=device)
     pad_id = pad_token_id if pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}: it is how many tokens to add")
     if t + max_new_tokens > decoder.cfg.max_position_embeddings:
         raise ValueError(
             f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "

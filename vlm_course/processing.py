@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import VisionConfig, VLMConfig
 
@@ -34,19 +34,47 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by
 # Images
 
 
+def array_to_uint8_hwc(array: np.ndarray) -> np.ndarray:
+    """An image array in one of the common forms -> H x W (x C) uint8.
+
+    Accepted: uint8 (0-255); floats in [0, 1] (matplotlib, torchvision's ToTensor) or in [0, 255]; channels last
+    (H, W, C) or first (C, H, W, as torch tensors are) with C = 1, 3 or 4. Anything else is refused: a guess
+    would silently feed the model a wrong picture.
+    """
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(f"an image array must be H x W, H x W x 3/4 or 3/4 x H x W, got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"image arrays must hold numbers (uint8 or floats), got {array.dtype}")
+    if not np.isfinite(array).all():
+        raise ValueError("the image array holds NaN or infinite values: the image data is broken")
+    low, high = float(array.min()), float(array.max())
+    if low < 0 or high > 255:
+        raise ValueError(f"image values run from {low:g} to {high:g}: expected 0-1 (floats) or 0-255; if the array "
+                         "is normalised (mean/std), undo that first")
+    scale = 255.0 if np.issubdtype(array.dtype, np.floating) and high <= 1.0 else 1.0
+    return np.clip(np.rint(array.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+
+
 def open_image(image) -> Image.Image:
     """Accept a PIL image, a path, raw bytes, a {'bytes': ...} dict (HF datasets / parquet) or an HxWxC array."""
     if isinstance(image, Image.Image):
         return image
     try:
+        # Photos from phones store "rotate me" in EXIF; transformers' load_image applies it, and so do we.
         if isinstance(image, (str, os.PathLike)):
-            return Image.open(Path(image))
+            return ImageOps.exif_transpose(Image.open(Path(image)))
         if isinstance(image, (bytes, bytearray)):
-            return Image.open(io.BytesIO(image))
+            return ImageOps.exif_transpose(Image.open(io.BytesIO(image)))
         if isinstance(image, dict) and image.get("bytes") is not None:
-            return Image.open(io.BytesIO(image["bytes"]))
+            return ImageOps.exif_transpose(Image.open(io.BytesIO(image["bytes"])))
         if isinstance(image, np.ndarray):
-            return Image.fromarray(image)
+            return Image.fromarray(array_to_uint8_hwc(image))
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"could not decode the image ({err}): is the file a PNG/JPEG and complete?") from err
     raise ValueError(f"expected a PIL image, a path, bytes or an array, got {type(image).__name__}")
@@ -209,8 +237,14 @@ class VLMProcessor:
             add(self.text_ids(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n"), False)
         for i, turn in enumerate(turns):
             user = turn.get("user")
-            if not isinstance(user, str) or not user.strip():
+            if user is None or not isinstance(user, str):
+                raise ValueError(f"turn {i}'s question is {type(user).__name__}, not text: give every image a question "
+                                 "string (None often means a missing value in the data)")
+            if not user.strip():
                 raise ValueError(f"turn {i} has an empty user message: {turn!r}")
+            if i > 0 and IMAGE_TOKEN in user:
+                raise ValueError(f"turn {i} has an {IMAGE_TOKEN} marker, but images go in the first user turn only: "
+                                 f"move the marker (and its image) to turn 0")
             add(self.text_ids("<|im_start|>user\n"), False)
             add(self.user_content_ids(user, len(pixel_values) if i == 0 else 0), False)
             add(self.text_ids("<|im_end|>\n<|im_start|>assistant\n"), False)

@@ -31,6 +31,8 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         check_pixel_values(pixel_values, self.cfg)
+        # float64 (numpy's default) is unambiguous: compute in the encoder's own dtype.
+        pixel_values = pixel_values.to(self.patch_embedding.weight.dtype)
         x = self.patch_embedding(pixel_values)  # (B, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
         return x + self.position_embedding.weight
@@ -40,6 +42,14 @@ def check_pixel_values(pixel_values: torch.Tensor, cfg: VisionConfig) -> None:
     """Fail with a message that says what to do, instead of a shape error deep inside a conv."""
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must be (batch, channels, height, width), got shape {tuple(pixel_values.shape)}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values are {pixel_values.dtype}, not normalised floats: pass the image through the processor "
+            "(processor.preprocess_images or processor(images, questions)), which scales and normalises it"
+        )
+    if torch.isnan(pixel_values).any() or torch.isinf(pixel_values).any():
+        raise ValueError("pixel_values contain NaN or infinite values: the image data is broken; rebuild them "
+                         "from the image with the processor")
     _, c, h, w = pixel_values.shape
     if c != cfg.num_channels:
         raise ValueError(
