@@ -51,8 +51,8 @@ from .processing import VLMProcessor
 from .vlm import VisionLanguageModel
 
 EVAL_SUBSETS = ("shapes", "count", "position", "spatial", "mc")
-# Uniform guessing among the answers: 5 shapes or colours... (shapes asks both: 4 shapes, 6 colours -> ~1/5), 5 counts,
-# 9 parts of the picture, yes/no, 4 letters.
+# Uniform guessing among the answers: shapes asks for one of 4 shapes or 6 colours (~1/5), count for 1-5, position
+# for one of 9 parts of the picture, spatial for yes/no, mc for one of 4 letters.
 CHANCE = {"shapes": 0.2, "count": 0.2, "position": 1 / 9, "spatial": 0.5, "mc": 0.25}
 TARGET_SUBSETS = ("shapes", "count", "position")  # read from the image; spatial and mc are the frontier
 
