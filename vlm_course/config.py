@@ -192,7 +192,7 @@ TINY = VLMConfig(
     max_length=512,
 )
 
-# `smol`: the ViT the course pretrains on synthetic 64 px images (FACTS.md calibration experiment).
+# `smol`: the ViT the course pretrains on synthetic 64 px images (`python -m vlm_course.pretrain_vit`).
 SMOL = VLMConfig(
     vision=VisionConfig(image_size=64, patch_size=8, hidden_size=192, intermediate_size=768, num_layers=4,
                         num_heads=3),
