@@ -254,7 +254,7 @@ def test_least_squares_projector_recovers_a_linear_map():
     error = demo.fit_projector_to_words(model, data, ridge=1e-6)
     assert error < 1e-3, f"relative squared error {error}"
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_images(pixels), targets, atol=1e-3, rtol=1e-2)
+        torch.testing.assert_close(model.projector.block_tokens(model.vision(pixels)), targets, atol=1e-3, rtol=1e-2)
 
 
 def test_other_images_roll_within_each_subset():

@@ -61,6 +61,9 @@ class ProjectorConfig:
     # Decoder tokens per pixel-shuffled block. 1 (nanoVLM, Idefics3): one token per block. The demo uses 2, so
     # that a block can be written as two words, "red circle", in the decoder's own embedding space.
     tokens_per_block: int = 1
+    # After the blocks, one token per label holding a tally of the picture's objects (`vlm_course.counting`; the
+    # demo counts each shape, each colour and all objects). Empty (nanoVLM, Idefics3): no count tokens.
+    count_labels: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in ("linear", "mlp"):
@@ -69,6 +72,10 @@ class ProjectorConfig:
             raise ValueError(f"shuffle_factor must be >= 1, got {self.shuffle_factor}")
         if self.tokens_per_block < 1:
             raise ValueError(f"tokens_per_block must be >= 1, got {self.tokens_per_block}")
+        self.count_labels = tuple(self.count_labels)  # a JSON list reads back as a tuple
+        if self.count_labels and self.tokens_per_block != 2:
+            raise ValueError("count tokens tally each block's two words (colour, shape): they need tokens_per_block=2, "
+                             f"got {self.tokens_per_block}")
 
 
 @dataclass
@@ -142,8 +149,9 @@ class VLMConfig:
 
     @property
     def image_tokens_per_image(self) -> int:
-        """Tokens one image costs in the decoder: (image_size / patch_size)^2 / r^2 blocks x tokens_per_block."""
-        return self.block_grid_size**2 * self.projector.tokens_per_block
+        """Tokens one image costs in the decoder: (image_size / patch_size)^2 / r^2 blocks x tokens_per_block, plus
+        one per count label."""
+        return self.block_grid_size**2 * self.projector.tokens_per_block + len(self.projector.count_labels)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

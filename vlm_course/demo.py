@@ -107,6 +107,10 @@ class DemoRecipe:
     tokens_per_block: int = 2
     image_layout: str = "grid"
     projector_bias: bool = True  # the " no" " object" of an empty block is a constant: a bias carries it
+    # After the blocks, one token per shape, colour and "objects" holding the picture's tally as a digit's embedding
+    # (`vlm_course.counting`): counting becomes copying the number after " circles". Without them count stayed at
+    # chance (0.20, docs/demo_findings.md section 12).
+    count_tokens: bool = True
     stages: tuple[Stage, ...] = field(default_factory=lambda: (
         # Stage 1 makes the image tokens speak the decoder's language: each block's two tokens are regressed onto
         # the embeddings of " red" " circle" (or " no" " object"). No decoder pass: seconds per 100 steps.
@@ -121,6 +125,10 @@ class DemoRecipe:
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stages)
+
+
+# Recipe fields added after checkpoints were committed, with the value that rebuilds those checkpoints' model.
+RECIPE_KEYS_ADDED_LATER = {"count_tokens": False}
 
 
 def quick_recipe(recipe: DemoRecipe) -> DemoRecipe:
@@ -314,7 +322,7 @@ def word_loss(model: VisionLanguageModel, batch: dict, vocabulary: torch.Tensor 
     """Squared distance of each image token to its word's embedding, relative to that embedding's squared norm;
     with a vocabulary of candidate ids, plus a cross-entropy that makes the target word the *nearest* candidate
     (the squared error alone is small for a token halfway between " circle" and " square")."""
-    tokens = model.encode_images(batch["pixel_values"]).float()
+    tokens = model.projector.block_tokens(model.vision(batch["pixel_values"])).float()
     with torch.no_grad():
         targets = model.decoder.embed_tokens(batch["word_ids"]).float()
     loss = (((tokens - targets) ** 2).sum(-1) / (targets**2).sum(-1)).mean()
@@ -354,7 +362,7 @@ def fit_projector_to_words(model: VisionLanguageModel, data: dict[str, torch.Ten
     proj.weight.copy_(solution[:proj.in_features].T)
     if proj.bias is not None:
         proj.bias.copy_(solution[-1])
-    tokens = model.encode_images(data["pixel_values"][:chunk].float()).float()
+    tokens = model.projector.block_tokens(model.vision(data["pixel_values"][:chunk].float())).float()
     targets = model.decoder.embed_tokens(data["word_ids"][:chunk]).float()
     return float((((tokens - targets) ** 2).sum(-1) / (targets**2).sum(-1)).mean())
 
@@ -364,7 +372,7 @@ def word_accuracy(model: VisionLanguageModel, processor: VLMProcessor, data: dic
     """How often an image token's nearest embedding, among the words the stage uses, is its target word."""
     vocab_ids = block_vocabulary(processor)
     table = model.decoder.embed_tokens(vocab_ids).float()
-    tokens = model.encode_images(data["pixel_values"].float()).float()
+    tokens = model.projector.block_tokens(model.vision(data["pixel_values"].float())).float()
     nearest = vocab_ids[torch.cdist(tokens, table.expand(len(tokens), -1, -1)).argmin(-1)]
     return float((nearest == data["word_ids"]).float().mean())
 
@@ -676,8 +684,11 @@ def with_image_layout(model: VisionLanguageModel, recipe: DemoRecipe, pretrained
     if model.vision.cfg.image_size != recipe.image_size:
         model.vision = model.vision.resized(recipe.image_size)
     config.vision = model.vision.cfg
+    from .counting import count_labels
+
     config.projector = ProjectorConfig(shuffle_factor=recipe.shuffle_factor, kind=config.projector.kind,
-                                       tokens_per_block=recipe.tokens_per_block, bias=recipe.projector_bias)
+                                       tokens_per_block=recipe.tokens_per_block, bias=recipe.projector_bias,
+                                       count_labels=count_labels() if recipe.count_tokens else ())
     config.image_layout = recipe.image_layout
     VLMConfig.from_dict(config.to_dict())  # validates the combination (grid divisible by the shuffle factor)
     model.projector = ModalityProjector(config.projector, config.vision.hidden_size, config.decoder.hidden_size)
@@ -688,6 +699,8 @@ def build_model(profile: str, recipe: DemoRecipe) -> tuple[VisionLanguageModel, 
     prof = get_profile(profile)
     model = with_image_layout(VisionLanguageModel.from_profile(prof), recipe, pretrained=prof.vision_weights is not None)
     processor = VLMProcessor.from_config(model.config, system_prompt=recipe.system_prompt)
+    if model.projector.counter is not None:  # the counter's word tables: rows of the decoder's embeddings
+        model.projector.counter.set_words(model.decoder.embed_tokens, lambda word: processor.text_ids(word)[0])
     make_qlora(model, recipe)
     return model, processor
 

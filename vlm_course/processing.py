@@ -146,7 +146,7 @@ def load_tokenizer(name: str = "smollm2"):
     """The SmolLM2 tokenizer (committed in assets/, no download) with the <image> token added."""
     from transformers import AutoTokenizer
 
-    from .weights import assets_dir
+    from .weight_files import assets_dir
 
     path = assets_dir() / "tokenizers" / "smollm2" if name == "smollm2" else name
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -191,14 +191,18 @@ class VLMProcessor:
 
     def image_block_ids(self) -> list[int]:
         """The ids one image becomes: `tokens_per_image` <image> ids, with each block's place in words before its
-        tokens when config.image_layout is "grid" (" top left" <image> <image> " top" <image> <image> ...)."""
-        if self.config.image_layout == "plain":
-            return [self.image_token_id] * self.tokens_per_image
+        tokens when config.image_layout is "grid" (" top left" <image> <image> " top" <image> <image> ...), then each
+        count label with its count token, if the projector has count labels."""
         per_block = self.config.projector.tokens_per_block
-        ids = []
-        for label in grid_labels(self.config.block_grid_size):
-            ids += self.text_ids(" " + label) + [self.image_token_id] * per_block
-        return ids + self.text_ids("\n")
+        if self.config.image_layout == "plain":
+            ids = [self.image_token_id] * (self.config.block_grid_size**2 * per_block)
+        else:
+            ids = []
+            for label in grid_labels(self.config.block_grid_size):
+                ids += self.text_ids(" " + label) + [self.image_token_id] * per_block
+        for label in self.config.projector.count_labels:  # count tokens: " circles" <image> ... " objects" <image>
+            ids += self.text_ids(" " + label) + [self.image_token_id]
+        return ids if self.config.image_layout == "plain" else ids + self.text_ids("\n")
 
     def user_content_ids(self, text: str, num_images: int) -> list[int]:
         """The user's message with image blocks: where the text has <image> markers, else before the text."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .config import ProjectorConfig
+from .counting import CountTokens
 
 
 def pixel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -56,6 +57,8 @@ class ModalityProjector(nn.Module):
                 nn.GELU(),
                 nn.Linear(hidden, out_features, bias=True),
             )
+        # Count tokens (the demo): tallies of the blocks' words, appended after the blocks (`vlm_course.counting`).
+        self.counter = CountTokens(cfg.count_labels, decoder_hidden_size) if cfg.count_labels else None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -67,9 +70,16 @@ class ModalityProjector(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+    def block_tokens(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, patches, vision width) -> (B, blocks * k, D): each block's k tokens, row by row."""
         tokens = self.proj(pixel_shuffle(patches, self.cfg.shuffle_factor))  # (B, blocks, k * D)
         batch, blocks, width = tokens.shape
         k = self.cfg.tokens_per_block
         return tokens.reshape(batch, blocks * k, width // k)  # a block's k tokens side by side in the sequence
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        tokens = self.block_tokens(patches)
+        if self.counter is None:
+            return tokens
+        return torch.cat([tokens, self.counter(tokens)], dim=1)
 

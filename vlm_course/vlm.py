@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from . import weight_files
 from .config import DecoderConfig, Profile, ProjectorConfig, VisionConfig, VLMConfig, get_profile
-from .decoder import Decoder
+from .decoder import LLAMA_PREFIXES, Decoder, decoder_config_from_hf, llama_name_map
 from .processing import IGNORE_INDEX
 from .projector import ModalityProjector
-from .vision import VisionEncoder
+from .vision import SIGLIP_PREFIXES, VisionEncoder, siglip_name_map, vision_config_from_hf
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -131,10 +132,37 @@ class VisionLanguageModel(nn.Module):
 
     @classmethod
     def from_idefics3(cls, path) -> "VisionLanguageModel":
-        """Load a SmolVLM / Idefics3 checkpoint (one image tile, no splitting) through our name maps."""
-        from .weights import load_idefics3
+        """Load a SmolVLM / Idefics3 checkpoint (one image tile, no splitting) through our name maps.
 
-        return load_idefics3(path)
+        The three parts map one to one: the SigLIP tower, the connector (Idefics3's pixel shuffle + one bias-free
+        linear: our `ModalityProjector` with kind="linear"), and the Llama text model.
+        """
+        folder = weight_files.resolve(path)
+        hf = weight_files.read_config(folder)
+        if hf.get("model_type") not in ("idefics3", "smolvlm"):
+            raise ValueError(f"{folder} is a {hf.get('model_type')!r} checkpoint, not Idefics3/SmolVLM")
+        config = VLMConfig(
+            vision=vision_config_from_hf(hf),
+            projector=ProjectorConfig(shuffle_factor=hf.get("scale_factor", 2), kind="linear", bias=False),
+            decoder=decoder_config_from_hf(hf),
+            image_token_id=hf.get("image_token_id"),
+            tokenizer=str(folder),
+        )
+        model = cls(config)
+        parts = {  # our prefix: (name map, the checkpoint prefixes it may sit under)
+            "vision.": (siglip_name_map(config.vision.num_layers), SIGLIP_PREFIXES),
+            "decoder.": (llama_name_map(config.decoder.num_layers), LLAMA_PREFIXES),
+            "projector.": ({"proj.weight": "connector.modality_projection.proj.weight"}, ("model.", "")),
+        }
+        tensors = {}
+        for ours, (names, prefixes) in parts.items():
+            part = weight_files.read_tensors(folder, names, prefixes, torch.float32)
+            tensors.update({ours + k: v for k, v in part.items()})
+        if not config.decoder.tie_word_embeddings:
+            lm_head = weight_files.read_tensors(folder, {"w": "lm_head.weight"}, ("",), torch.float32)
+            tensors["decoder.lm_head.weight"] = lm_head["w"]
+        weight_files.load_mapped(model, tensors)
+        return model.eval()
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -221,7 +249,7 @@ def _type_ok(value, annotation: str) -> bool:
 # Keys added to the configs after models were first saved, with defaults that do what the course did before
 # them: a config.json without them was written by an earlier version and loads as it did. Any other missing key
 # is an error (its default may differ from the saved model). Add a key here when adding a config field.
-CONFIG_KEYS_ADDED_LATER = {"image_layout", "projector.tokens_per_block"}
+CONFIG_KEYS_ADDED_LATER = {"image_layout", "projector.tokens_per_block", "projector.count_labels"}
 
 
 def config_problems(data, cls=VLMConfig, where: str = "") -> list[str]:
