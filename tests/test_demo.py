@@ -308,3 +308,15 @@ def test_committed_demo_checkpoint_answers_from_the_picture():
     other_acc = sum(p == g for p, g in zip(other, gold)) / len(gold)
     assert right_acc >= 0.75, f"held-out accuracy {right_acc:.2f}: {list(zip(questions, right, gold))[:6]}"
     assert other_acc <= 0.35, f"with another scene's image still {other_acc:.2f}: the answers ignore the picture"
+
+
+def test_each_counting_question_names_its_count_token():
+    """Every phrasing the mini-cauldron uses maps to the label whose tally answers it."""
+    for template in synthetic.COUNT_QUESTIONS["shape"]:
+        for shape in synthetic.SHAPES:
+            assert demo.count_label_of(template.format(shape=shape)) == f"{shape}s"
+    for template in synthetic.COUNT_QUESTIONS["colour"]:
+        for colour in synthetic.COLOURS:
+            assert demo.count_label_of(template.format(colour=colour)) == colour
+    for question in synthetic.COUNT_QUESTIONS["total"]:
+        assert demo.count_label_of(question) == "objects"

@@ -543,6 +543,35 @@ def evaluate(model, processor: VLMProcessor, samples: list[dict], batch_size: in
     return accuracy, records
 
 
+def count_label_of(question: str) -> str:
+    """Which count token answers a mini-cauldron counting question: the shape's plural or the colour it names, else
+    "objects" ("How many red objects are there?" -> "red"; "Count the squares." -> "squares")."""
+    from .counting import count_labels
+
+    words = question.lower().replace("?", " ").replace(".", " ").split()
+    named = [label for label in count_labels()[:-1] if label in words]
+    return named[0] if named else "objects"
+
+
+@torch.no_grad()
+def tally_accuracy(model, processor: VLMProcessor, samples: list[dict], batch_size: int = 50) -> float | None:
+    """How often the image side's own tally (the count token the question needs) is the right answer, on the
+    counting samples: the ceiling of the decoder's count accuracy. None without count tokens or count samples."""
+    counter = model.projector.counter
+    samples = [s for s in samples if s["subset"] == "count"]
+    if counter is None or not samples:
+        return None
+    right = 0
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        pixels = processor.preprocess_images([s["image"] for s in chunk]).to(next(model.parameters()).device)
+        with compute_autocast(model):
+            tallies = counter.tallies(model.projector.block_tokens(model.vision(pixels)))
+        for s, row in zip(chunk, tallies.tolist()):
+            right += row[counter.labels.index(count_label_of(s["question"]))] == int(s["answer"])
+    return right / len(samples)
+
+
 def with_other_images(samples: list[dict]) -> list[dict]:
     """The same questions, each with another scene's image: within a subset, question i gets the image of the next
     sample that shows a different scene (the batch rolled by one; the two questions of a two-turn row share their
@@ -730,6 +759,10 @@ def run_demo(profile: str = "smol", recipe: DemoRecipe | None = None, out: str |
     history = train(model, training_batches(processor, encoded, recipe), recipe, progress, log_every)
     train_minutes = (time.perf_counter() - t_train) / 60
 
+    tallies = tally_accuracy(model, processor, test_samples)
+    if tallies is not None:
+        print(f"count tokens: the image side's tally is right for {tallies:.2f} of the held-out count questions "
+              "(the ceiling of count accuracy)")
     after, records = evaluate(model, processor, test_samples, recipe.eval_batch_size, recipe.max_new_tokens,
                               desc="after training", progress=progress)
     print("after:  " + "  ".join(f"{k} {v:.2f}" for k, v in after.items()))
@@ -745,6 +778,7 @@ def run_demo(profile: str = "smol", recipe: DemoRecipe | None = None, out: str |
     figures = save_figures(out, history, before, after, records)
     checkpoint = save_checkpoint(model, out, recipe)
     result = {"profile": profile, "before": before, "after": after, "other_image": other, "chance": CHANCE,
+              "count_tally_accuracy": tallies,
               "train_minutes": train_minutes,
               "threads": torch.get_num_threads(), "history": history, "recipe": asdict(recipe),
               "figures": [str(p) for p in figures], "checkpoint": str(checkpoint)}
