@@ -3,8 +3,9 @@
     python -m vlm_course.grading.sync            write lessons/NN_*.ipynb from solutions/NN_*.ipynb
     python -m vlm_course.grading.sync --check    exit 1 and name the files when lessons/ is out of date
     python -m vlm_course.grading.sync clean      strip execution counts, noisy metadata and big outputs
-                                                 from solutions/ (small text outputs stay, for nbval and
-                                                 readers; such cells keep a stable count, nbval needs one)
+                                                 from solutions/ (small text outputs and figures stay, for
+                                                 nbval and readers; such cells keep a stable count, nbval
+                                                 needs one; figures are stored as small palette PNGs)
     python -m vlm_course.grading.sync clean --check
     python -m vlm_course.grading.sync clean --execute [NAMES]
                                                  re-run solutions in the `tiny` profile, offline, then clean
@@ -31,8 +32,11 @@ sorted keys, and nothing that depends on the machine or the time is kept.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import copy
 import hashlib
+import io
 import os
 import re
 import sys
@@ -46,6 +50,8 @@ NOTEBOOK_GLOB = "[0-9][0-9]_*.ipynb"
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
 KEPT_CELL_METADATA = ("tags",)
 MAX_KEPT_OUTPUT_CHARS = 2000  # clean: text outputs up to this size stay in solutions (nbval, readers)
+MAX_KEPT_PNG_BYTES = 60_000  # clean: a figure stays if its PNG, once reduced to a palette, is at most this big
+PNG_COLOURS = 256  # the palette figures are reduced to (plots and diagrams need far fewer)
 _DEF = re.compile(r"^(\s*)(?:async\s+def|def|class)\s+(\w+)")
 _CELL_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
@@ -126,15 +132,22 @@ def normalise(nb, keep_outputs: bool) -> nbformat.NotebookNode:
 
 
 def small_outputs(cell) -> list:
-    """Text outputs worth keeping in a solution: stdout and plain-text results, small, without counts.
+    """Outputs worth keeping in a solution: stdout, plain-text results and figures, small, without counts.
 
-    Images, HTML, widgets, stderr (warnings with local paths) and errors are dropped: they are large,
-    differ between machines, or both. Cells marked NBVAL_CHECK_OUTPUT keep their text whatever its size,
-    because nbval compares it.
+    HTML, widgets, stderr (warnings with local paths) and errors are dropped: they are large, differ between
+    machines, or both. Text longer than MAX_KEPT_OUTPUT_CHARS is dropped, except in cells marked
+    NBVAL_CHECK_OUTPUT, whose text nbval compares. A figure (a PNG display) is kept as a palette PNG (see
+    `small_png`) with its text/plain stand-in, or dropped if it is still bigger than MAX_KEPT_PNG_BYTES.
     """
     checked = CHECK_OUTPUT in cell.source
     kept = []
     for output in cell.get("outputs", []):
+        if output.output_type == "display_data" and "image/png" in output.data:
+            png = small_png(output.data["image/png"])
+            if png is not None:
+                data = {"image/png": png, "text/plain": output.data.get("text/plain", "<Figure>")}
+                kept.append(nbformat.v4.new_output("display_data", data=data))
+            continue
         if output.output_type == "stream" and output.name == "stdout":
             text = output.text
             new = nbformat.v4.new_output("stream", name="stdout", text=text)
@@ -151,6 +164,35 @@ def small_outputs(cell) -> list:
         else:
             kept.append(new)
     return kept
+
+
+def small_png(data: str) -> str | None:
+    """A base64 PNG as a palette PNG of at most PNG_COLOURS colours (base64), or None if it is not a readable
+    PNG or still bigger than MAX_KEPT_PNG_BYTES.
+
+    Plots have few colours, so the palette costs nothing visible and divides the size by 2 to 4. A PNG that
+    already has a palette is kept byte for byte, so that `clean` is idempotent.
+    """
+    from PIL import Image
+
+    try:
+        raw = base64.b64decode("".join(data.split()), validate=True)
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except (binascii.Error, ValueError, OSError):
+        return None
+    if image.format != "PNG":
+        return None
+    if image.mode != "P":
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        flat.alpha_composite(rgba)  # figures are drawn on white; transparency would cost palette entries
+        buffer = io.BytesIO()
+        flat.convert("RGB").quantize(PNG_COLOURS, dither=Image.Dither.NONE).save(buffer, "PNG", optimize=True)
+        raw = buffer.getvalue()
+    if len(raw) > MAX_KEPT_PNG_BYTES:
+        return None
+    return base64.b64encode(raw).decode("ascii")
 
 
 def dumps(nb) -> str:
@@ -226,7 +268,8 @@ def clean_solutions(solutions: Path, check: bool, names: list[str] | None = None
             print(f"cleaned {_rel(solution)}")
     if check and dirty:
         for path in dirty:
-            print(f"not clean: {_rel(path)} (execution counts, metadata or large outputs)", file=sys.stderr)
+            print(f"not clean: {_rel(path)} (execution counts, metadata, large outputs or unreduced figures)",
+                  file=sys.stderr)
         print("run: python -m vlm_course.grading.sync clean", file=sys.stderr)
         return 1
     return 0
