@@ -1,9 +1,16 @@
-"""The lessons' pictures: code cells that plot keep their figure in solutions/ (a small palette PNG, written by
-`sync clean`); lessons/ keeps no output at all."""
+"""The lessons' pictures.
+
+Architecture figures are drawn by docs/figures/make_figures.py, stored as docs/figures/*.png and shown in markdown
+cells as attachments. The stored PNGs are what the script draws, byte for byte, and every attachment in solutions/
+and lessons/ is one of them, byte for byte: a figure cannot drift from its script, nor a lesson from its solution.
+Code cells that plot keep their figure in solutions/ (a small palette PNG, written by `sync clean`); lessons/ keeps
+no output at all.
+"""
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import re
 from pathlib import Path
@@ -22,9 +29,20 @@ from vlm_course.grading.sync import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+FIGURES_DIR = REPO / "docs" / "figures"
 # Lessons whose solution notebook has been re-run since its plots are kept: each of its plotting cells has a figure.
-LESSONS_WITH_FIGURE_OUTPUTS: tuple[str, ...] = ()
+LESSONS_WITH_FIGURE_OUTPUTS = ("07",)
 PLOTTING_CELL = re.compile(r"^(?!#).*\b(viz\.(plot_|show_)\w+|error_gallery)\(", re.M)
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_figures", FIGURES_DIR / "make_figures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SCRIPT = _script()
 
 
 def _notebooks(folder: str) -> list[Path]:
@@ -46,6 +64,66 @@ def _plot_like(width: int = 400, height: int = 240) -> np.ndarray:
         alpha = np.clip(4.0 - distance, 0, 1)[..., None]  # a 4 px line with soft edges
         rgba[..., :3] = (rgba[..., :3] * (1 - alpha) + np.array(colour) * alpha).astype(np.uint8)
     return rgba
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture figures: script, PNG files, attachments
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPT.FIGURES))
+def test_the_script_draws_each_stored_png_byte_for_byte(name):
+    stored = FIGURES_DIR / name
+    assert stored.exists(), f"run: python docs/figures/make_figures.py --embed ({name} is missing)"
+    assert stored.read_bytes() == SCRIPT.render(name), f"run: python docs/figures/make_figures.py --embed ({name})"
+
+
+def test_every_stored_png_comes_from_the_script():
+    assert {p.name for p in FIGURES_DIR.glob("*.png")} == set(SCRIPT.FIGURES)
+
+
+def test_figures_are_small_palette_pngs():
+    for name in SCRIPT.FIGURES:
+        png = (FIGURES_DIR / name).read_bytes()
+        image = Image.open(io.BytesIO(png))
+        assert image.mode == "P" and len(image.getcolors()) <= SCRIPT.COLOURS, name
+        assert image.width <= 1100 and len(png) <= 40_000, f"{name}: {image.size}, {len(png)} bytes"
+        assert not image.info.keys() - {"transparency"}, f"{name} carries metadata {image.info}"
+
+
+@pytest.mark.parametrize("folder", ["solutions", "lessons"])
+def test_attachments_are_the_scripts_figures_byte_for_byte(folder):
+    shown = 0
+    for path in _notebooks(folder):
+        for cell in nbformat.read(path, as_version=4).cells:
+            refs = set(SCRIPT.ATTACHMENT.findall(cell.source)) if cell.cell_type == "markdown" else set()
+            attachments = cell.get("attachments") or {}
+            where = f"{path.name} cell {cell.get('id')}"
+            assert set(attachments) == refs, f"{where}: shows {sorted(refs)} but attaches {sorted(attachments)}"
+            for name, data in attachments.items():
+                assert set(data) == {"image/png"}, where
+                assert base64.b64decode(data["image/png"]) == (FIGURES_DIR / name).read_bytes(), \
+                    f"{where}: {name} differs from docs/figures/{name}: run python docs/figures/make_figures.py --embed"
+                shown += 1
+    assert shown, f"no figure shown in {folder}/"
+
+
+def test_check_mode_sees_a_stale_attachment(tmp_path, monkeypatch):
+    """make_figures --check fails when an attachment differs from the script's figure (and changes nothing)."""
+    solutions = tmp_path / "solutions"
+    solutions.mkdir()
+    name = sorted(SCRIPT.FIGURES)[0]
+    cell = nbformat.v4.new_markdown_cell(f"A figure:\n\n![it](attachment:{name})")
+    cell["attachments"] = {name: {"image/png": _png_b64(_plot_like(8, 8))}}
+    nb = nbformat.v4.new_notebook(cells=[cell])
+    nbformat.write(nb, solutions / "01_demo.ipynb")
+    monkeypatch.setattr(SCRIPT, "REPO", tmp_path)
+    before = (solutions / "01_demo.ipynb").read_text()
+    assert SCRIPT.embed({name: SCRIPT.render(name)}, check=True) == ["01_demo.ipynb"]
+    assert (solutions / "01_demo.ipynb").read_text() == before
+    SCRIPT.embed({name: SCRIPT.render(name)}, check=False)
+    fixed = nbformat.read(solutions / "01_demo.ipynb", as_version=4).cells[0]
+    assert base64.b64decode(fixed.attachments[name]["image/png"]) == SCRIPT.render(name)
+    assert SCRIPT.embed({name: SCRIPT.render(name)}, check=True) == []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,736 @@
+"""The course's architecture figures: drawn with matplotlib, stored as PNGs, shown in the lessons as cell attachments.
+
+    python docs/figures/make_figures.py            write docs/figures/NAME.png for every figure that changed
+    python docs/figures/make_figures.py --embed    also put them into the solution notebooks' markdown cells that
+                                                   show them (![...](attachment:NAME.png)), then regenerate lessons/
+    python docs/figures/make_figures.py --check    change nothing; exit 1 if a PNG or an attachment differs
+
+A markdown cell shows a figure with `![what it shows](attachment:NAME.png)`; `--embed` copies the PNG into that
+cell's attachments. Attachments render in JupyterLab, on GitHub and on Colab alike (a relative path to a file does
+not render on Colab), and the lessons carry them like any other markdown.
+
+The output is byte-identical from run to run: the Agg renderer, matplotlib's default settings (whatever the local
+matplotlibrc says), a fixed size and dpi, the DejaVu fonts matplotlib ships, and a PNG written by Pillow with no
+metadata (no software version, no date), reduced to a palette of at most COLOURS colours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Rectangle
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+DPI = 100
+COLOURS = 128
+ATTACHMENT = re.compile(r"!\[[^\]]*\]\(attachment:([A-Za-z0-9_.-]+\.png)\)")
+
+# One colour per part of the model, used by every figure.
+VISION, VISION_DARK = "#dbe7f5", "#3d6fb0"
+PROJ, PROJ_DARK = "#fde3cc", "#c8671a"
+TEXT, TEXT_DARK = "#dcefdc", "#3a8a46"
+GREY, GREY_DARK = "#ececec", "#8a8a8a"
+FROZEN, TRAINED = "#e4e4f0", "#fbd5d5"
+RED, GREEN, BLUE, YELLOW = "#d9534f", "#4aa564", "#4a7fd0", "#e8b93c"
+INK = "#222222"
+
+FIGURES: dict[str, tuple[Callable[[], Figure], str]] = {}
+
+
+def figure(name: str, alt: str):
+    """Register a function that draws one figure (returns a Figure) under NAME.png, with its alt text."""
+
+    def register(draw: Callable[[], Figure]):
+        FIGURES[f"{name}.png"] = (draw, alt)
+        return draw
+
+    return register
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _rc() -> dict:
+    rc = {k: v for k, v in matplotlib.rcParamsDefault.items() if k not in ("backend", "backend_fallback")}
+    rc.update({"font.family": "DejaVu Sans", "font.size": 10, "svg.hashsalt": "course", "path.simplify": True})
+    return rc
+
+
+def render(name: str) -> bytes:
+    """The PNG bytes of one figure, the same on every run."""
+    from PIL import Image
+
+    draw, _ = FIGURES[name]
+    with matplotlib.rc_context(_rc()):
+        fig = draw()
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        rgba = np.asarray(canvas.buffer_rgba())
+    image = Image.fromarray(rgba[..., :3].copy(), "RGB").quantize(COLOURS, dither=Image.Dither.NONE)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def new_figure(width: float, height: float) -> tuple[Figure, object]:
+    """A figure of width x height inches and one axes covering it, in units of 1/10 inch, y pointing up."""
+    fig = Figure(figsize=(width, height), dpi=DPI, facecolor="white")
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, width * 10)
+    ax.set_ylim(0, height * 10)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    return fig, ax
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing helpers (coordinates in 1/10 inch)
+
+
+def box(ax, x, y, w, h, text="", fc=GREY, ec=GREY_DARK, size=9.5, weight="normal", color=INK, lw=1.2,
+        radius=0.8, ha="center", style="round", zorder=2, **kw):
+    """A rounded box with its lower-left corner at (x, y) and centred text."""
+    pad = min(radius, w / 4, h / 4)
+    ax.add_patch(FancyBboxPatch((x + pad, y + pad), w - 2 * pad, h - 2 * pad, boxstyle=f"{style},pad={pad}",
+                                fc=fc, ec=ec, lw=lw, zorder=zorder))
+    if text:
+        tx = x + w / 2 if ha == "center" else x + 1.2
+        ax.text(tx, y + h / 2, text, ha=ha, va="center", fontsize=size, weight=weight, color=color,
+                zorder=zorder + 1, linespacing=1.25, **kw)
+
+
+def rect(ax, x, y, w, h, fc, ec="white", lw=0.8, zorder=2, **kw):
+    ax.add_patch(Rectangle((x, y), w, h, fc=fc, ec=ec, lw=lw, zorder=zorder, **kw))
+
+
+def arrow(ax, start, end, color=INK, lw=1.4, style="-|>", scale=11, rad=0.0, zorder=3, ls="-"):
+    ax.add_patch(FancyArrowPatch(start, end, arrowstyle=style, mutation_scale=scale, color=color, lw=lw,
+                                 connectionstyle=f"arc3,rad={rad}", zorder=zorder, shrinkA=0, shrinkB=0, ls=ls))
+
+
+def label(ax, x, y, text, size=9.5, color=INK, ha="center", va="center", weight="normal", **kw):
+    ax.text(x, y, text, ha=ha, va=va, fontsize=size, color=color, weight=weight, linespacing=1.3, **kw)
+
+
+def title(ax, fig, text, size=12):
+    w, h = fig.get_size_inches()
+    ax.text(2, h * 10 - 2.2, text, ha="left", va="center", fontsize=size, weight="bold", color=INK)
+
+
+def plus(ax, x, y, r=1.3, fc="white", ec=INK):
+    """A residual sum: a circle with a plus."""
+    ax.add_patch(Circle((x, y), r, fc=fc, ec=ec, lw=1.3, zorder=4))
+    ax.plot([x - r * 0.6, x + r * 0.6], [y, y], color=ec, lw=1.3, zorder=5)
+    ax.plot([x, x], [y - r * 0.6, y + r * 0.6], color=ec, lw=1.3, zorder=5)
+
+
+def times(ax, x, y, r=1.3, fc="white", ec=INK):
+    """An elementwise product: a circle with a cross."""
+    ax.add_patch(Circle((x, y), r, fc=fc, ec=ec, lw=1.3, zorder=4))
+    d = r * 0.45
+    ax.plot([x - d, x + d], [y - d, y + d], color=ec, lw=1.3, zorder=5)
+    ax.plot([x - d, x + d], [y + d, y - d], color=ec, lw=1.3, zorder=5)
+
+
+def brace(ax, x0, x1, y, text, size=9, color=INK, down=True):
+    """A bracket under (or over) the span x0..x1 at height y, with text beyond it."""
+    d = -1.0 if down else 1.0
+    ax.plot([x0, x0, x1, x1], [y - d * 0.0, y + d * 0.8, y + d * 0.8, y], color=color, lw=1.0)
+    label(ax, (x0 + x1) / 2, y + d * 2.2, text, size=size, color=color)
+
+
+def mix(colour: str, amount: float) -> tuple:
+    """colour mixed with white (amount 0: the colour, 1: white)."""
+    rgb = np.array(matplotlib.colors.to_rgb(colour))
+    return tuple(rgb + (1 - rgb) * amount)
+
+
+# ----------------------------------------------------------------------------------------------
+# A small synthetic picture, the same in every figure that shows an image
+
+
+def toy_image(size: int = 64) -> np.ndarray:
+    """An (H, W, 3) float picture: a red circle, a blue square and a yellow triangle on a light background."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = np.ones((size, size, 3)) * np.array([0.93, 0.95, 0.98])
+    img[(yy > 0.72)] = np.array([0.80, 0.90, 0.78])  # grass
+    circle = (xx - 0.27) ** 2 + (yy - 0.3) ** 2 < 0.17 ** 2
+    img[circle] = matplotlib.colors.to_rgb(RED)
+    square = (xx > 0.58) & (xx < 0.88) & (yy > 0.12) & (yy < 0.42)
+    img[square] = matplotlib.colors.to_rgb(BLUE)
+    triangle = (yy > 0.5) & (yy < 0.9) & (np.abs(xx - 0.62) < (yy - 0.5) * 0.55)
+    img[triangle] = matplotlib.colors.to_rgb(YELLOW)
+    return img
+
+
+def image(ax, array, x, y, w, h, **kw):
+    """imshow into the box (x, y, w, h) without changing the axes' limits."""
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()
+    ax.imshow(array, extent=(x, x + w, y, y + h), interpolation="nearest", zorder=2, **kw)
+    ax.set_xlim(xlim)
+    ax.set_ylim(ylim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesson 01: the ViT
+
+
+@figure("patchify", "An image cut into a 4 x 4 grid of patches, numbered row by row, laid out as a sequence of 16 "
+                    "patch vectors; one patch vector holds its red, then green, then blue p x p values")
+def patchify_figure() -> Figure:
+    fig, ax = new_figure(10, 4.2)
+    title(ax, fig, "patchify: an image becomes a sequence of patch vectors")
+    img, p = toy_image(64), 16
+    x0, y0, side = 2.5, 6.5, 26
+    image(ax, img, x0, y0, side, side)
+    step = side / 4
+    for k in range(5):
+        ax.plot([x0 + k * step] * 2, [y0, y0 + side], color="white", lw=2.2, zorder=3)
+        ax.plot([x0, x0 + side], [y0 + k * step] * 2, color="white", lw=2.2, zorder=3)
+    for i in range(16):
+        row, col = divmod(i, 4)
+        label(ax, x0 + (col + 0.5) * step, y0 + side - (row + 0.5) * step, str(i), size=9, weight="bold",
+              bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85), zorder=4)
+    label(ax, x0 + side / 2, y0 - 2.6, "image (C, H, W) = (3, 64, 64), patch p = 16:\na 4 x 4 grid, read row by row",
+          size=9)
+    arrow(ax, (x0 + side + 1.5, 27), (35.5, 27))
+    label(ax, 32, 29.2, "patchify", size=9.5, weight="bold")
+    # the sequence of patches
+    tile, gap, sx, sy = 3.3, 0.55, 36.0, 24.5
+    row_colours = [RED, GREEN, BLUE, PROJ_DARK]
+    for i in range(16):
+        row, col = divmod(i, 4)
+        x = sx + i * (tile + gap)
+        image(ax, img[row * p:(row + 1) * p, col * p:(col + 1) * p], x, sy, tile, tile)
+        rect(ax, x - 0.3, sy - 0.3, tile + 0.6, tile + 0.6, fc="none", ec=row_colours[row], lw=1.6, zorder=3)
+        label(ax, x + tile / 2, sy - 1.4, str(i), size=8.5)
+    for row in range(4):
+        xa = sx + row * 4 * (tile + gap)
+        xb = xa + 4 * tile + 3 * gap
+        brace(ax, xa, xb, sy + tile + 0.6, f"grid row {row}", size=8.5, color=row_colours[row], down=False)
+    label(ax, sx, 33.6, "a sequence of N = 16 patch vectors: patch number = row · (W/p) + column", size=9.5, ha="left")
+    # one patch vector, channel by channel
+    k = 6
+    row, col = divmod(k, 4)
+    kx = sx + k * (tile + gap)
+    crop = img[row * p:(row + 1) * p, col * p:(col + 1) * p]
+    bx, by, seg, h = 38.0, 6.5, 18.0, 7.5
+    label(ax, bx, by + h + 3.4, f"patch {k} as one vector, laid out (C, p, p): all its red values, then green, then blue",
+          size=9, ha="left")
+    arrow(ax, (kx + tile / 2, sy - 2.6), (kx + tile / 2, by + h + 5.0), color=GREY_DARK, lw=1.1)
+    for c, name in enumerate(["red", "green", "blue"]):
+        x = bx + c * seg
+        channel = np.zeros_like(crop)
+        channel[..., c] = crop[..., c]
+        rect(ax, x, by, seg, h, fc=mix([RED, GREEN, BLUE][c], 0.85), ec=GREY_DARK, lw=1.0)
+        image(ax, channel, x + 0.6, by + 0.6, h - 1.2, h - 1.2)
+        label(ax, x + h + 0.4, by + h / 2, f"{name}: p · p\n= 256 values", size=8.5, ha="left")
+    brace(ax, bx, bx + 3 * seg, by - 0.3, "C · p · p = 3 · 16 · 16 = 768 numbers   (SigLIP-B/16 at 224 px: "
+          "14 × 14 = 196 patches of 768)", size=9)
+    label(ax, 98, 42 - 2.2, "(B, C, H, W) → (B, N, C·p·p),  N = (H/p)·(W/p)", size=10, ha="right", color=VISION_DARK)
+    return fig
+
+
+def matrix(ax, x, y, rows, cols, cell, fc=GREY, ec="white", highlight=None, hl=INK, lw=0.8):
+    """A rows x cols grid of cells with its lower-left corner at (x, y); fc is a colour or a function (r, c) -> colour.
+    highlight: a row to outline."""
+    for r in range(rows):
+        for c in range(cols):
+            colour = fc(r, c) if callable(fc) else fc
+            rect(ax, x + c * cell, y + (rows - 1 - r) * cell, cell, cell, fc=colour, ec=ec, lw=lw)
+    if highlight is not None:
+        rect(ax, x - 0.15, y + (rows - 1 - highlight) * cell - 0.15, cols * cell + 0.3, cell + 0.3, fc="none", ec=hl,
+             lw=1.8, zorder=4)
+
+
+@figure("attention", "Scaled dot-product attention for one head: scores Q K-transposed over root d, a softmax over "
+                     "each query's row, a weighted sum of the values; then multi-head attention: the width split "
+                     "into heads, attention in each head, the heads side by side again, out_proj")
+def attention_figure() -> Figure:
+    fig, ax = new_figure(10, 5.6)
+    title(ax, fig, "attention: every query mixes the values of the keys it matches")
+    rng = np.random.default_rng(3)
+    n, d, c = 6, 4, 2.0
+    scores = rng.normal(size=(n, n)) * 1.2
+    weights = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
+    blues, oranges = matplotlib.colormaps["Blues"], matplotlib.colormaps["Oranges"]
+    q_row, y, mid = 2, 34.0, 34.0 + n * c / 2
+    label(ax, 2, 49.0, "one head: softmax(Q Kᵀ / √d) V", size=10, ha="left", weight="bold")
+    matrix(ax, 3, y, n, d, c, fc=VISION, highlight=q_row)
+    label(ax, 7, y - 2.0, "Q  (Nq, d)", size=9)
+    label(ax, 12.5, mid, "·", size=18)
+    matrix(ax, 14, y + (n - d) * c / 2, d, n, c, fc=PROJ)
+    label(ax, 20, y - 2.0, "Kᵀ  (d, Nk)", size=9)
+    arrow(ax, (27, mid), (32, mid))
+    label(ax, 29.5, mid + 1.8, "/ √d", size=9.5)
+    matrix(ax, 33, y, n, n, c, fc=lambda r, k: blues(0.12 + 0.75 * (scores[r, k] - scores.min()) / np.ptp(scores)),
+           highlight=q_row)
+    label(ax, 39, y - 2.0, "scores  (Nq, Nk)", size=9)
+    arrow(ax, (46, mid), (52, mid))
+    label(ax, 49, mid + 2.6, "softmax\nover keys", size=8.5)
+    matrix(ax, 53, y, n, n, c, fc=lambda r, k: oranges(0.08 + 0.85 * weights[r, k] / weights.max()), highlight=q_row)
+    label(ax, 59, y - 2.6, "weights  (Nq, Nk)\neach row sums to 1", size=9)
+    label(ax, 66.5, mid, "·", size=18)
+    matrix(ax, 68, y, n, d, c, fc=TEXT)
+    label(ax, 72, y - 2.0, "V  (Nk, dv)", size=9)
+    label(ax, 77.6, mid, "=", size=14)
+    matrix(ax, 79, y, n, d, c, fc=lambda r, k: mix(TEXT_DARK, 0.4 if r == q_row else 0.75), highlight=q_row)
+    label(ax, 83, y - 2.0, "output  (Nq, dv)", size=9)
+    label(ax, 2, 28.3, "The outlined query: its scores against every key, its weights, its output (the values averaged "
+          "with those weights).  ÷ √d: a dot product of d\nnumbers of variance 1 has variance d; dividing brings it "
+          "back to 1, so that the softmax does not saturate.", size=8.6, ha="left", va="center", color=GREY_DARK)
+    ax.plot([2, 98], [25.2, 25.2], color=GREY, lw=1.0)
+    # multi-head
+    label(ax, 2, 23.0, "multi-head: split the width D into h heads of D/h channels; each head attends on its own",
+          size=10, ha="left", weight="bold")
+    heads = [VISION_DARK, PROJ_DARK, TEXT_DARK]
+    tints = [mix(h, 0.55) for h in heads]
+    y2, mid2 = 5.0, 5.0 + n * c / 2
+    matrix(ax, 3, y2, n, 6, c, fc=lambda r, k: tints[k // 2], highlight=q_row)
+    for h in range(3):
+        label(ax, 3 + (2 * h + 1) * c, y2 + n * c + 1.2, f"h{h}", size=8.5, color=heads[h], weight="bold")
+    label(ax, 9, y2 - 2.0, "q_proj(x)  (B, N, D)", size=9)
+    arrow(ax, (16, mid2), (28, mid2))
+    label(ax, 22, mid2 + 2.6, "view (B, N, h, D/h)\ntranspose(1, 2)", size=8.5)
+    for h in range(3):
+        matrix(ax, 29 + h * 5.5, y2, n, 2, c, fc=tints[h], highlight=q_row, hl=heads[h])
+        label(ax, 31 + h * 5.5, y2 + n * c + 1.2, f"head {h}", size=8.5, color=heads[h])
+    label(ax, 36.5, y2 - 2.0, "(B, h, N, D/h)", size=9)
+    arrow(ax, (46, mid2), (60, mid2))
+    label(ax, 53, mid2 + 3.4, "attention in each head,\nthen transpose(1, 2),\nreshape (B, N, D)", size=8.5)
+    matrix(ax, 61, y2, n, 6, c, fc=lambda r, k: mix(heads[k // 2], 0.3), highlight=q_row)
+    label(ax, 67, y2 - 2.0, "heads side by side  (B, N, D)", size=9)
+    arrow(ax, (74, mid2), (77, mid2))
+    box(ax, 77.5, mid2 - 2.2, 9.5, 4.4, "out_proj", fc=GREY, size=9)
+    arrow(ax, (87, mid2), (90, mid2))
+    label(ax, 90.5, mid2, "(B, N, D)", size=9, ha="left")
+    label(ax, 76.5, y2 + 1.6, "one row = one token, in every\nstep: the split cuts its channels", size=8.3,
+          ha="left", color=GREY_DARK)
+    return fig
+
+
+@figure("vit_block", "The ViT: pixels, a patch embedding, position embeddings added, a stack of pre-LayerNorm blocks, "
+                     "a final LayerNorm; one block: x plus attention of LayerNorm of x, then x plus the MLP "
+                     "(fc1, GELU, fc2) of LayerNorm of x")
+def vit_block_figure() -> Figure:
+    fig, ax = new_figure(10, 4.3)
+    title(ax, fig, "the ViT and its pre-LayerNorm block (SigLIP-B/16 sizes)")
+    y = 34.0
+    steps = [("pixels\n(B, 3, 224, 224)", GREY), ("patch embedding\nconv p × p, stride p\n= linear on patches", VISION),
+             ("+ position\nembeddings\n(196 learned)", VISION), ("ViT block\n× 12", VISION_DARK),
+             ("post\nLayerNorm", VISION), ("(B, 196, 768)", GREY)]
+    widths = [13, 16, 13, 11, 10, 12]
+    x = 3.0
+    centres = []
+    for (text, colour), w in zip(steps, widths):
+        dark = colour == VISION_DARK
+        box(ax, x, y - 3.6, w, 7.6, text, fc=colour if not dark else mix(VISION_DARK, 0.25),
+            ec=VISION_DARK, size=8.8, color="white" if dark else INK, weight="bold" if dark else "normal")
+        centres.append((x, x + w))
+        x += w + 4.0
+        if x < 95:
+            arrow(ax, (x - 3.6, y + 0.2), (x - 0.4, y + 0.2))
+    bx0, bx1 = centres[3]
+    # the block, expanded
+    ax.plot([bx0, 2.5], [y - 3.8, 25.5], color=VISION_DARK, lw=1.0, ls="--")
+    ax.plot([bx1, 97.5], [y - 3.8, 25.5], color=VISION_DARK, lw=1.0, ls="--")
+    ax.add_patch(FancyBboxPatch((2.5, 1.5), 95, 24, boxstyle="round,pad=0.4", fc="#f6f9fd", ec=VISION_DARK, lw=1.0))
+    ry = 20.5
+    arrow(ax, (4, ry), (96, ry), lw=2.0)
+    label(ax, 5, ry + 1.6, "x  (B, N, D)  the residual stream", size=8.8, ha="left")
+    ax.plot([9, 9], [ry, 9], color=INK, lw=1.4)
+    arrow(ax, (9, 9), (12, 9))
+    box(ax, 12, 6.5, 11, 5, "layer_norm1", fc=VISION, ec=VISION_DARK, size=8.8)
+    arrow(ax, (23, 9), (26, 9))
+    box(ax, 26, 6.5, 16, 5, "multi-head\nattention", fc=mix(VISION_DARK, 0.55), ec=VISION_DARK, size=8.8)
+    ax.plot([42, 46], [9, 9], color=INK, lw=1.4)
+    arrow(ax, (46, 9), (46, ry - 1.3))
+    plus(ax, 46, ry)
+    label(ax, 25, 3.6, "x = x + attention(layer_norm1(x))", size=8.8, color=VISION_DARK)
+    ax.plot([51, 51], [ry, 9], color=INK, lw=1.4)
+    arrow(ax, (51, 9), (53.5, 9))
+    box(ax, 53.5, 6.5, 10.5, 5, "layer_norm2", fc=VISION, ec=VISION_DARK, size=8.8)
+    arrow(ax, (64, 9), (66, 9))
+    box(ax, 66, 6.5, 7.5, 5, "fc1\nD → 4D", fc=mix(VISION_DARK, 0.55), ec=VISION_DARK, size=8.5)
+    arrow(ax, (73.5, 9), (75.5, 9))
+    box(ax, 75.5, 6.5, 7.5, 5, "GELU\n(tanh)", fc=VISION, ec=VISION_DARK, size=8.5)
+    arrow(ax, (83, 9), (85, 9))
+    box(ax, 85, 6.5, 7.5, 5, "fc2\n4D → D", fc=mix(VISION_DARK, 0.55), ec=VISION_DARK, size=8.5)
+    ax.plot([92.5, 93.5], [9, 9], color=INK, lw=1.4)
+    arrow(ax, (93.5, 9), (93.5, ry - 1.3))
+    plus(ax, 93.5, ry)
+    label(ax, 73, 3.6, "x = x + fc2(gelu(fc1(layer_norm2(x))))", size=8.8, color=VISION_DARK)
+    label(ax, 53, ry - 3.4, "D = 768, 4D = 3072, N = 196. The norms sit in the branches:\n"
+          "the residual stream itself is never normalised (pre-LN)", size=8.5, ha="left", va="center",
+          color=GREY_DARK)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesson 02: the projector
+
+BLOCK_COLOURS = [VISION_DARK, PROJ_DARK, TEXT_DARK, "#8a5fb5"]
+
+
+@figure("pixel_shuffle", "A 4 x 4 grid of patch vectors cut into 2 x 2 blocks; each block's four patch vectors, read "
+                         "row by row, are concatenated into one token of width 4D; one linear layer then maps each "
+                         "token to the decoder's width")
+def pixel_shuffle_figure() -> Figure:
+    fig, ax = new_figure(10, 3.2)
+    title(ax, fig, "pixel shuffle (r = 2), then one linear layer: the projector")
+    c, gx, gy = 4.2, 3.0, 5.0
+    for i in range(16):
+        row, col = divmod(i, 4)
+        block = (row // 2) * 2 + col // 2
+        shade = 0.35 + 0.15 * ((row % 2) * 2 + col % 2)
+        rect(ax, gx + col * c, gy + (3 - row) * c, c, c, fc=mix(BLOCK_COLOURS[block], shade), ec="white", lw=2)
+        label(ax, gx + (col + 0.5) * c, gy + (3.5 - row) * c, str(i), size=9.5, weight="bold")
+    for b in range(4):
+        br, bc = divmod(b, 2)
+        rect(ax, gx + bc * 2 * c, gy + (1 - br) * 2 * c, 2 * c, 2 * c, fc="none", ec=BLOCK_COLOURS[b], lw=2.2,
+             zorder=4)
+    label(ax, gx + 2 * c, gy - 2.4, "16 patch vectors of width D\non their 4 × 4 grid: (B, 16, D)", size=9)
+    arrow(ax, (22.5, gy + 2 * c), (29.5, gy + 2 * c))
+    label(ax, 26.0, gy + 2 * c + 2.6, "pixel shuffle\nr = 2", size=9, weight="bold")
+    # tokens of width 4D
+    tx, tw, th = 38.0, 5.6, 3.2
+    for t in range(4):
+        br, bc = divmod(t, 2)
+        members = [(2 * br + dr) * 4 + 2 * bc + dc for dr in range(2) for dc in range(2)]
+        y = gy + (3 - t) * 4.2 + 0.5
+        label(ax, tx - 0.8, y + th / 2, f"token {t}", size=8.5, ha="right", color=BLOCK_COLOURS[t])
+        for slot, patch in enumerate(members):
+            shade = 0.35 + 0.15 * slot
+            rect(ax, tx + 2.5 + slot * tw, y, tw, th, fc=mix(BLOCK_COLOURS[t], shade), ec="white", lw=1.5)
+            label(ax, tx + 2.5 + (slot + 0.5) * tw, y + th / 2, str(patch), size=9, weight="bold")
+    label(ax, tx + 2.5 + 2 * tw, gy - 2.4, "4 tokens of width 4 · D: (B, 4, 4D)\neach a block's patches, row by row",
+          size=9)
+    arrow(ax, (64.5, gy + 2 * c), (73, gy + 2 * c))
+    label(ax, 68.7, gy + 2 * c + 2.6, "linear\n4D → D_text", size=9, weight="bold")
+    for t in range(4):
+        y = gy + (3 - t) * 4.2 + 0.5
+        rect(ax, 74, y, 9, th, fc=mix(TEXT_DARK, 0.45), ec="white", lw=1.5)
+        label(ax, 78.5, y + th / 2, f"token {t}", size=8.5)
+    label(ax, 78.5, gy - 2.4, "(B, 4, D_text):\nthe decoder's width", size=9)
+    label(ax, 86.5, 25.0, "nanoVLM:", size=9, ha="left", weight="bold", color=PROJ_DARK)
+    label(ax, 86.5, 22.2, "196 × 768", size=9, ha="left")
+    label(ax, 86.5, 19.5, "→ 49 × 3072", size=9, ha="left")
+    label(ax, 86.5, 16.8, "→ 49 × 576", size=9, ha="left")
+    label(ax, 86.5, 13.0, "no bias, no\nactivation:\n3072 · 576 =\n1.77M weights", size=8.5, ha="left",
+          va="top", color=GREY_DARK)
+    return fig
+
+
+def _grid(ax, x, y, side, n, fc, ec="white", lw=0.5):
+    cell = side / n
+    rect(ax, x, y, side, side, fc=fc, ec="none")
+    for k in range(n + 1):
+        ax.plot([x + k * cell] * 2, [y, y + side], color=ec, lw=lw, zorder=3)
+        ax.plot([x, x + side], [y + k * cell] * 2, color=ec, lw=lw, zorder=3)
+
+
+@figure("token_budget", "Two token budgets: nanoVLM's 224 px image gives a 14 x 14 grid of patches, "
+                        "folded by r = 2 into 7 x 7 = 49 tokens; SmolVLM-256M's 512 px tile gives 32 x 32 patches, "
+                        "folded by r = 4 into 8 x 8 = 64 tokens")
+def token_budget_figure() -> Figure:
+    fig, ax = new_figure(10, 4.4)
+    title(ax, fig, "the token budget: (size // p)² patches, divided by r²")
+    rows = [("nanoVLM", "224 px image", 224, 16, 2, 14.0), ("SmolVLM-256M", "512 px tile", 512, 16, 4, 14.0)]
+    for k, (name, what, size, p, r, side) in enumerate(rows):
+        y = 23.5 - k * 20.0
+        label(ax, 2, y + side / 2, name, size=10, ha="left", weight="bold")
+        image(ax, toy_image(64), 17, y, side, side)
+        label(ax, 17 + side / 2, y - 1.8, what, size=8.8)
+        arrow(ax, (32.5, y + side / 2), (37.5, y + side / 2))
+        label(ax, 35, y + side / 2 + 1.8, f"p = {p}", size=8.5)
+        grid = size // p
+        _grid(ax, 38.5, y, side, grid, VISION, ec=VISION_DARK, lw=0.35)
+        label(ax, 38.5 + side / 2, y - 1.8, f"{grid} × {grid} = {grid * grid} patches", size=8.8)
+        arrow(ax, (54, y + side / 2), (60, y + side / 2))
+        label(ax, 57, y + side / 2 + 1.8, f"r = {r}", size=8.5)
+        tokens = grid // r
+        _grid(ax, 61, y, side, tokens, PROJ, ec=PROJ_DARK, lw=0.8)
+        label(ax, 61 + side / 2, y - 1.8, f"{tokens} × {tokens} = {tokens * tokens} tokens", size=8.8)
+        arrow(ax, (76.5, y + side / 2), (80, y + side / 2))
+        text = (f"{tokens * tokens} image tokens\nin the decoder's input,\nnext to the text" if k == 0 else
+                f"{tokens * tokens} tokens per tile\n(a big image is cut\ninto several tiles)")
+        label(ax, 81, y + side / 2, text, size=8.8, ha="left")
+    ax.plot([2, 98], [21.0, 21.0], color=GREY, lw=1.0)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesson 03: the decoder
+
+
+@figure("decoder_block", "SmolLM2-135M: token ids, embeddings, 30 decoder blocks, a final RMSNorm and the tied LM head; "
+                         "one block: RMSNorm, q/k/v projections (9 query heads, 3 key/value heads), RoPE on q and k, "
+                         "causal grouped-query attention, o_proj, residual; RMSNorm, the SwiGLU MLP, residual")
+def decoder_block_figure() -> Figure:
+    fig, ax = new_figure(10, 5.4)
+    title(ax, fig, "the decoder: a Llama block with RoPE and grouped-query attention (SmolLM2-135M sizes)")
+    column = [("token ids (B, T)", GREY), ("embed_tokens\n49,152 × 576", TEXT), ("decoder block\n× 30", TEXT_DARK),
+              ("RMSNorm", TEXT), ("lm_head = embed_tokens\n(tied weights)", TEXT), ("logits (B, T, 49,152)", GREY)]
+    for k, (text, colour) in enumerate(column):
+        y = 42.0 - k * 7.6
+        dark = colour == TEXT_DARK
+        box(ax, 2, y - 2.6, 21, 5.4, text, fc=mix(TEXT_DARK, 0.2) if dark else colour, ec=TEXT_DARK, size=8.8,
+            color="white" if dark else INK, weight="bold" if dark else "normal")
+        if k < len(column) - 1:
+            arrow(ax, (12.5, y - 2.7), (12.5, y - 4.9))
+    block_y = 42.0 - 2 * 7.6
+    ax.plot([23, 27], [block_y + 2.7, 46.5], color=TEXT_DARK, lw=1.0, ls="--")
+    ax.plot([23, 27], [block_y - 2.7, 1.5], color=TEXT_DARK, lw=1.0, ls="--")
+    ax.add_patch(FancyBboxPatch((27, 1.5), 70.5, 45, boxstyle="round,pad=0.4", fc="#f7fbf7", ec=TEXT_DARK, lw=1.0))
+    sx = 31.0
+    arrow(ax, (sx, 46.0), (sx, 2.5), lw=2.0)
+    label(ax, sx - 1.2, 44.0, "x (B, T, 576)", size=8.5, ha="right", rotation=90, va="top")
+    # attention branch
+    ay = 36.0
+    ax.plot([sx, 34], [ay, ay], color=INK, lw=1.4)
+    box(ax, 34, ay - 2.5, 8.5, 5, "RMSNorm", fc=TEXT, ec=TEXT_DARK, size=8.5)
+    projections = [("q_proj → 9 heads × 64", 40.0), ("k_proj → 3 heads × 64", 36.0), ("v_proj → 3 heads × 64", 32.0)]
+    for text, y in projections:
+        arrow(ax, (42.5, ay), (45.5, y), lw=1.0, scale=8)
+        box(ax, 45.5, y - 1.6, 15.5, 3.2, text, fc=mix(TEXT_DARK, 0.55), ec=TEXT_DARK, size=8.0, radius=0.5)
+    box(ax, 63.0, 34.3, 6.0, 7.4, "RoPE", fc=PROJ, ec=PROJ_DARK, size=8.5)
+    for y in (40.0, 36.0):
+        ax.plot([61, 63], [y, y], color=INK, lw=1.2)
+        arrow(ax, (69, y), (72, y), lw=1.2, scale=8)
+    arrow(ax, (61, 32.0), (72, 32.0), lw=1.2, scale=8)
+    # grouped-query attention pictogram
+    ax.add_patch(FancyBboxPatch((72.3, 29.3), 14.4, 13.4, boxstyle="round,pad=0.3", fc="white", ec=TEXT_DARK, lw=1.2))
+    label(ax, 79.5, 41.3, "causal attention", size=8.3, weight="bold")
+    label(ax, 79.5, 39.2, "9 query heads", size=7.5, color=GREY_DARK)
+    groups = [VISION_DARK, PROJ_DARK, "#8a5fb5"]
+    for h in range(9):
+        x = 72.9 + h * 1.47
+        rect(ax, x, 36.3, 1.15, 1.6, fc=mix(groups[h // 3], 0.35), ec="none")
+        ax.plot([x + 0.57, 74.6 + (h // 3) * 4.4 + 0.9], [36.3, 33.9], color=groups[h // 3], lw=0.8)
+    for g in range(3):
+        rect(ax, 74.6 + g * 4.4, 32.2, 1.8, 1.7, fc=groups[g], ec="none")
+    label(ax, 79.5, 30.7, "share 3 k/v heads", size=7.5, color=GREY_DARK)
+    arrow(ax, (87.0, 36.0), (89.0, 36.0))
+    box(ax, 89.0, ay - 2.5, 7.5, 5, "o_proj", fc=mix(TEXT_DARK, 0.55), ec=TEXT_DARK, size=8.5)
+    ax.plot([92.75, 92.75], [ay - 2.5, 27.0], color=INK, lw=1.4)
+    ax.plot([92.75, sx + 1.3], [27.0, 27.0], color=INK, lw=1.4)
+    plus(ax, sx, 27.0)
+    label(ax, 61, 25.2, "x = x + o_proj(attention(RoPE(q), RoPE(k), v))   (q, k, v from RMSNorm(x))", size=8.5,
+          color=TEXT_DARK)
+    # MLP branch
+    my = 16.0
+    ax.plot([sx, 34], [my, my], color=INK, lw=1.4)
+    box(ax, 34, my - 2.5, 8.5, 5, "RMSNorm", fc=TEXT, ec=TEXT_DARK, size=8.5)
+    for text, y in [("gate_proj 576 → 1536", my + 3.0), ("up_proj 576 → 1536", my - 3.0)]:
+        arrow(ax, (42.5, my), (45.5, y), lw=1.0, scale=8)
+        box(ax, 45.5, y - 1.6, 15.5, 3.2, text, fc=mix(TEXT_DARK, 0.55), ec=TEXT_DARK, size=8.0, radius=0.5)
+    arrow(ax, (61, my + 3.0), (63.5, my + 3.0), lw=1.2, scale=8)
+    box(ax, 63.5, my + 1.4, 6.5, 3.2, "SiLU", fc=TEXT, ec=TEXT_DARK, size=8.0, radius=0.5)
+    ax.plot([70, 73, 73], [my + 3.0, my + 3.0, my + 1.3], color=INK, lw=1.2)
+    ax.plot([61, 73, 73], [my - 3.0, my - 3.0, my - 1.3], color=INK, lw=1.2)
+    times(ax, 73, my)
+    arrow(ax, (74.3, my), (77.5, my))
+    box(ax, 77.5, my - 2.5, 13.0, 5, "down_proj\n1536 → 576", fc=mix(TEXT_DARK, 0.55), ec=TEXT_DARK, size=8.3)
+    ax.plot([90.5, 93.5, 93.5], [my, my, 7.0], color=INK, lw=1.4)
+    ax.plot([93.5, sx + 1.3], [7.0, 7.0], color=INK, lw=1.4)
+    plus(ax, sx, 7.0)
+    label(ax, 61, 5.2, "x = x + down_proj(silu(gate_proj(h)) * up_proj(h)),  h = RMSNorm(x)   (SwiGLU)", size=8.5,
+          color=TEXT_DARK)
+    label(ax, 34, 22.0, "RoPE turns each (i, i + d/2) pair of q and k by position · θᵢ, so q·k depends on the distance;\n"
+          "causal: a token attends to itself and the tokens before it only", size=8.0, ha="left", color=GREY_DARK)
+    return fig
+
+
+@figure("kv_cache", "Generation with a KV cache: the prompt's keys and values are computed once (prefill); each later "
+                    "step feeds only the new token, appends its key and value to the cache and attends to everything "
+                    "cached; the new token's position is the number of tokens already cached")
+def kv_cache_figure() -> Figure:
+    fig, ax = new_figure(10, 4.7)
+    title(ax, fig, "the KV cache: each step feeds one new token and appends its keys and values")
+    steps = [("prefill", "4 prompt tokens at once", 4, 0), ("decode step 1", "only the new token", 1, 4),
+             ("decode step 2", "only the new token", 1, 5)]
+    cw = 3.6
+    label(ax, 31, 40.5, "tokens fed to the model", size=9, weight="bold")
+    label(ax, 54, 40.5, "one layer's cache after the step: (B, kv_heads, T, head_dim)", size=9, weight="bold", ha="left")
+    for k, (name, what, fed, first) in enumerate(steps):
+        y = 33.0 - k * 11.5
+        label(ax, 2, y + 1.2, name, size=9.5, ha="left", weight="bold")
+        label(ax, 2, y - 1.4, what, size=8.5, ha="left", color=GREY_DARK)
+        total = first + fed
+        for t in range(6):
+            x = 20 + t * (cw + 0.6)
+            if t < first:
+                rect(ax, x, y - 1.6, cw, 3.2, fc="white", ec=GREY, lw=1.0, ls="--")
+                label(ax, x + cw / 2, y, f"t{t}", size=8.5, color=GREY)
+            elif t < total:
+                rect(ax, x, y - 1.6, cw, 3.2, fc=TEXT, ec=TEXT_DARK, lw=1.5)
+                label(ax, x + cw / 2, y, f"t{t}", size=8.5, weight="bold")
+        arrow(ax, (46.5, y), (50.0, y))
+        for row, name2 in enumerate(["K", "V"]):
+            yy = y + 0.4 - row * 3.4
+            label(ax, 52.2, yy, name2, size=9, weight="bold")
+            for t in range(total):
+                new = t >= first
+                rect(ax, 54 + t * cw, yy - 1.5, cw, 3.0, fc=mix(PROJ_DARK, 0.25) if new else PROJ,
+                     ec="white", lw=1.5)
+                label(ax, 54 + (t + 0.5) * cw, yy, str(t), size=8, color="white" if new else INK)
+        note = ("cache.seq_len = 4" if k == 0 else
+                f"position {first} = seq_len before the step\n(its RoPE angle); its query\nattends to keys 0-{first}")
+        label(ax, 54 + 6 * cw + 1.5, y - 1.2, note, size=8.3, ha="left", color=GREY_DARK)
+    label(ax, 2, 2.2, "update(layer, k, v) appends along the T axis (dim 2) and returns the whole cache. Without a cache, "
+          "step n would run the model on all n tokens again.", size=8.5, ha="left")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesson 07: deployment
+
+
+@figure("deploy_path", "From the trained model to the board: merge the LoRA adapters, export to ONNX (image encoder, "
+                       "decoder with its KV cache, token embeddings) and GGUF, quantise to int8, build a bundle with "
+                       "its runner and manifest, run it on a Jetson Orin Nano; each step checked against PyTorch")
+def deploy_path_figure() -> Figure:
+    fig, ax = new_figure(10, 4.4)
+    title(ax, fig, "the deploy path: every step proves it computes what PyTorch computes")
+    y0, h = 16.5, 19.0
+
+    def stage(x, w, head, body, colour, check, where, y=y0, height=h, ec=GREY_DARK, size=8.3):
+        box(ax, x, y, w, height, "", fc=colour, ec=ec)
+        label(ax, x + w / 2, y + height - 2.4, head, size=9, weight="bold")
+        label(ax, x + w / 2, y + (height - 2.4) / 2, body, size=size)
+        if check:
+            label(ax, x + w / 2, y0 - 2.0, "✓ " + check, size=8.3, color=TEXT_DARK)
+        label(ax, x + w / 2, y0 - 4.6, where, size=8, color=GREY_DARK)
+
+    stage(2.0, 11.5, "trained", "ViT\n+ projector\n+ decoder\nwith LoRA\nadapters A, B", GREY, "", "lesson 05")
+    stage(16.0, 12.5, "merge LoRA", "W' = W + (α/r)·BA\n\nplain nn.Linear\nlayers again", TRAINED, "same logits",
+          "section 2")
+    arrow(ax, (13.7, y0 + h / 2), (15.8, y0 + h / 2))
+    ex, ew = 31.5, 23.0
+    box(ax, ex, y0 + 7.2, ew, 11.8, "", fc=VISION, ec=VISION_DARK)
+    label(ax, ex + ew / 2, y0 + 16.6, "ONNX", size=9, weight="bold")
+    label(ax, ex + ew / 2, y0 + 11.4, "image_encoder.onnx: ViT + projector\ndecoder.onnx: KV cache in and out\n"
+          "embed_tokens.npy", size=7.8)
+    box(ax, ex, y0, ew, 6.4, "", fc=PROJ, ec=PROJ_DARK)
+    label(ax, ex + ew / 2, y0 + 4.4, "GGUF", size=9, weight="bold")
+    label(ax, ex + ew / 2, y0 + 1.8, "decoder-f16.gguf for llama.cpp", size=7.8)
+    label(ax, ex + ew / 2, y0 - 2.0, "✓ parity checks, GGUF read back", size=8.3, color=TEXT_DARK)
+    label(ax, ex + ew / 2, y0 - 4.6, "sections 6 and 7", size=8, color=GREY_DARK)
+    arrow(ax, (28.7, y0 + h / 2), (31.3, y0 + 13.0))
+    arrow(ax, (28.7, y0 + h / 2), (31.3, y0 + 3.2))
+    box(ax, 57.5, y0 + 7.2, 11.5, 11.8, "", fc=FROZEN, ec=GREY_DARK)
+    label(ax, 63.25, y0 + 16.6, "int8", size=9, weight="bold")
+    label(ax, 63.25, y0 + 11.0, "int8 copies\nof the graphs\n(dynamic)", size=8.3)
+    label(ax, 63.25, y0 - 2.0, "✓ accuracy measured", size=8.3, color=TEXT_DARK)
+    label(ax, 63.25, y0 - 4.6, "section 9", size=8, color=GREY_DARK)
+    arrow(ax, (54.7, y0 + 13.0), (57.3, y0 + 13.0))
+    arrow(ax, (69.2, y0 + 13.0), (71.8, y0 + 13.0))
+    arrow(ax, (54.7, y0 + 3.2), (71.8, y0 + 3.2))
+    stage(72.0, 12.0, "bundle/", "run.py\nbenchmark.py\ntokenizer\nbundle.json\nmanifest.json\nREADME.md", TEXT,
+          "run.py = PyTorch", "sections 8 and 10")
+    arrow(ax, (84.2, y0 + h / 2), (86.3, y0 + h / 2))
+    stage(86.5, 11.5, "Jetson", "Orin Nano\n8 GB\n\nonnxruntime-\ngpu, TensorRT,\nllama.cpp", GREY, "",
+          "benchmark.py there")
+    ax.add_patch(FancyBboxPatch((2.2, 1.2), 95.6, 6.6, boxstyle="round,pad=0.3", fc="#fafafa", ec=GREY, lw=1.0))
+    label(ax, 50, 4.5, "Before shipping, the budget (sections 3-5): weight bytes + KV-cache bytes + activations against "
+          "the ~5.2 GB an 8 GB Orin Nano leaves;\ndecode is memory-bound, so tokens/s is at most the bandwidth "
+          "(68 GB/s, 102 GB/s in Super mode) divided by the bytes read per token", size=8.5)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Embedding into notebooks
+
+
+def solution_notebooks() -> list[Path]:
+    return sorted((REPO / "solutions").glob("[0-9][0-9]_*.ipynb"))
+
+
+def referenced(nb) -> list[tuple[object, list[str]]]:
+    """(markdown cell, [NAME.png, ...]) for every markdown cell that shows a figure."""
+    out = []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            names = ATTACHMENT.findall(cell.source)
+            if names:
+                out.append((cell, names))
+    return out
+
+
+def embed(pngs: dict[str, bytes], check: bool) -> list[str]:
+    """Write (or with check, compare) every shown figure into its cell's attachments. Returns what differs."""
+    import nbformat
+
+    from vlm_course.grading.sync import clean_solution
+
+    stale = []
+    for path in solution_notebooks():
+        nb = nbformat.read(path, as_version=4)
+        changed = False
+        for cell, names in referenced(nb):
+            unknown = [n for n in names if n not in pngs]
+            if unknown:
+                raise SystemExit(f"{path.name}: no figure named {unknown} in {Path(__file__).name}")
+            want = {n: {"image/png": base64.b64encode(pngs[n]).decode("ascii")} for n in sorted(set(names))}
+            if cell.get("attachments") != want:
+                changed = True
+                cell["attachments"] = want
+        for cell in nb.cells:  # attachments no longer shown in the cell are dropped
+            if cell.cell_type == "markdown" and cell.get("attachments") and not ATTACHMENT.search(cell.source):
+                changed = True
+                del cell["attachments"]
+        if changed:
+            stale.append(path.name)
+            if not check:
+                nbformat.write(nb, path)
+                path.write_text(clean_solution(path), encoding="utf-8")
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--embed", action="store_true", help="also embed the figures in solutions/, regenerate lessons/")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if anything differs")
+    parser.add_argument("names", nargs="*", help="only these figures (NAME or NAME.png)")
+    args = parser.parse_args(argv)
+    names = [n if n.endswith(".png") else f"{n}.png" for n in args.names] or list(FIGURES)
+    pngs = {name: render(name) for name in names}
+    stale = []
+    for name, png in pngs.items():
+        path = HERE / name
+        if not path.exists() or path.read_bytes() != png:
+            stale.append(name)
+            if not args.check:
+                path.write_bytes(png)
+                print(f"wrote {path.relative_to(REPO)} ({len(png) / 1000:.1f} kB)")
+    if args.embed or args.check:
+        if args.names:
+            pngs = {name: render(name) for name in FIGURES}
+        notebooks = embed(pngs, args.check)
+        stale += notebooks
+        if notebooks and not args.check:
+            from vlm_course.grading.sync import sync_lessons
+
+            print("embedded in", ", ".join(notebooks))
+            sync_lessons(REPO / "solutions", REPO / "lessons", check=False)
+    if args.check and stale:
+        print("out of date:", ", ".join(stale), "- run: python docs/figures/make_figures.py --embed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())
