@@ -121,11 +121,12 @@ def worker(out: Path, data_dir: Path) -> None:
 
     from vlm_course import training
     from vlm_course.distributed import DistContext
+    from vlm_course.training import trainer as trainer_module
 
     rank = int(os.environ["RANK"])
     writes = []  # what this process wrote: only rank 0 may write
-    save_checkpoint, write_curve = training.save_checkpoint, training.Trainer.write_curve
-    training.save_checkpoint = lambda *a, **k: writes.append("checkpoint") or save_checkpoint(*a, **k)
+    save_checkpoint, write_curve = trainer_module.save_checkpoint, training.Trainer.write_curve
+    trainer_module.save_checkpoint = lambda *a, **k: writes.append("checkpoint") or save_checkpoint(*a, **k)
     training.Trainer.write_curve = lambda self: writes.append("curve") or write_curve(self)
 
     rows, proc = make_rows(), processor()

@@ -311,7 +311,7 @@ def test_failure_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
         open(path, "wb").write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(training.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError):
         save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {"marker": "two"})
     monkeypatch.undo()
@@ -335,7 +335,7 @@ def test_kill_mid_write_leaves_the_previous_checkpoint_intact(tmp_path):
         def dying_save(obj, path, *a, **kw):
             real_save(obj, path, *a, **kw)
             os._exit(9)  # killed after the first file of checkpoint 2
-        training.torch.save = dying_save
+        torch.save = dying_save
         with torch.no_grad():
             model.weight.add_(1.0)
         training.save_checkpoint({str(tmp_path)!r}, 2, model, optimizer, scheduler, {{"marker": "two"}})

@@ -43,6 +43,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .data.sampler import SeededSampler
+from .lora import is_quantized
+
 STRATEGIES = ("ddp", "fsdp")
 
 
@@ -197,8 +200,6 @@ class DistContext:
     def row_source(self, rows, seed: int):
         """This process's rows: a seeded shard of a list, or a stream already split by the loader."""
         if hasattr(rows, "__len__") and hasattr(rows, "__getitem__"):
-            from vlm_course.training import SeededSampler
-
             return ShardedRows(rows, SeededSampler(len(rows), seed), self.rank, self.world_size)
         return StreamRows(rows, self.rank, self.world_size)
 
@@ -360,8 +361,6 @@ def shard_fsdp(module: LossModule) -> nn.Module:
     LoRA on float weights; a 4-bit base (QLoRA) is already small, use DDP for it.
     """
     from torch.distributed.fsdp import fully_shard
-
-    from vlm_course.training import is_quantized
 
     if is_quantized(module.model):
         raise ValueError("FSDP with a 4-bit (QLoRA) base is not supported here: bitsandbytes keeps the NF4 scales "
