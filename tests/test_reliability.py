@@ -683,6 +683,7 @@ def test_assets_env_pointing_at_an_empty_folder_is_named(verb, tmp_path, trained
 KILL_DURING_CHECKPOINT = textwrap.dedent("""
     import os, sys, tempfile, torch
     from vlm_course import training
+    from vlm_course.training import checkpoints
     folder, moment, first = sys.argv[1], sys.argv[2], sys.argv[3] == "first"
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 4)
@@ -702,7 +703,7 @@ KILL_DURING_CHECKPOINT = textwrap.dedent("""
     if moment == "temporary folder created":
         tempfile.mkdtemp = die_after(tempfile.mkdtemp)
     elif moment == "weights written":
-        training.save_file = die_after(training.save_file)
+        checkpoints.save_file = die_after(checkpoints.save_file)
     elif moment == "before the rename":
         os.replace = die_before(os.replace)
     elif moment == "after the rename":
