@@ -6,6 +6,7 @@
     gguf_export.py  the decoder as a llama.cpp GGUF file; round trip through transformers' GGUF reader
     budget.py       memory budget and decode roofline for a device (Orin Nano presets)
     bundle.py       the bundle folder: model files, tokenizer, run.py, benchmark.py, README, manifest
+    runtime.py      templates/run.py (the bundle's runtime, no torch) loaded as a module, for tests and reports
     report.py       `python -m vlm_course.deploy.report`: build a bundle and print every round-trip figure
 
 Command line: `python -m vlm_course export --model DIR --out BUNDLE [--int8] [--gguf | --no-gguf]`.
@@ -27,11 +28,12 @@ from .budget import (
     measure_memory_bandwidth,
     this_machine,
 )
-from .bundle import build_bundle, load_model_for_export, load_runtime, verify_bundle
+from .bundle import build_bundle, load_model_for_export, verify_bundle
 from .gguf_export import check_gguf_roundtrip, export_gguf
 from .merge import merge_lora_adapters
 from .onnx_export import check_onnx_parity, export_onnx, make_session
 from .quantize import compare_int8_accuracy, quantize_int8
+from .runtime import load_runtime
 
 __all__ = [
     "ORIN_NANO_8GB",

@@ -17,9 +17,6 @@ leaves no half-written bundle behind.
 from __future__ import annotations
 
 import datetime
-import functools
-import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -30,13 +27,14 @@ import torch
 import torch.nn as nn
 
 from ..config import VLMConfig
+from ..files import file_sha256
 from .budget import decode_roofline, deployment_table, kv_bytes_per_token
 from .gguf_export import export_gguf
 from .merge import merge_lora_adapters
 from .onnx_export import DECODER_FILE, EMBEDDINGS_FILE, IMAGE_ENCODER_FILE, check_onnx_parity, export_onnx
 from .quantize import quantize_int8
+from .runtime import TEMPLATES, load_runtime
 
-TEMPLATES = Path(__file__).resolve().parent / "templates"
 BUNDLE_FORMAT = 1
 PARITY_TOLERANCE = 1e-3  # refuse to ship graphs whose fp32 logits differ more than this from PyTorch
 
@@ -126,24 +124,7 @@ def check_weight_shapes(config: VLMConfig, weights_file: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The runtime shipped in the bundle, loadable from here (what we test is what runs on the Jetson)
-
-
-@functools.cache
-def load_runtime():
-    """templates/run.py as a module: VLMRunner, verify_bundle, BundleError, PromptBuilder, ..."""
-    spec = importlib.util.spec_from_file_location("vlm_bundle_run", TEMPLATES / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+# The manifest: every file's size and sha256, checked by run.py before it loads anything
 
 
 def write_manifest(folder: Path) -> dict:
@@ -151,7 +132,7 @@ def write_manifest(folder: Path) -> dict:
     manifest = {
         "format": BUNDLE_FORMAT,
         "files": {
-            p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+            p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
             for p in files
         },
     }

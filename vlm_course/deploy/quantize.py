@@ -151,7 +151,7 @@ def compare_int8_accuracy(
     from tqdm.auto import tqdm
 
     from ..evaluation import score_answer
-    from .bundle import load_runtime
+    from .runtime import load_runtime
 
     runtime = load_runtime()
     fp32 = runtime.VLMRunner(bundle_dir, provider=provider)

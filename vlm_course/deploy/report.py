@@ -29,8 +29,8 @@ def held_out_rows(per_subset: int) -> list[dict]:
 def greedy_agreement(model, bundle_dir, rows, max_new_tokens: int) -> float:
     """Fraction of questions where run.py's runner and the PyTorch model generate the same token ids."""
     from ..processing import VLMProcessor
-    from .bundle import load_runtime
     from .quantize import _first_turn
+    from .runtime import load_runtime
 
     processor = VLMProcessor.from_config(model.config)
     runner = load_runtime().VLMRunner(bundle_dir, check_hashes=False)
