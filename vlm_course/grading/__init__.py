@@ -18,7 +18,7 @@ import inspect
 
 # Imported lazily, so that `python -m vlm_course.grading.sync` (no torch needed) starts fast.
 _LAZY = {"Case": "core", "Exercise": "core", "GradingError": "core", "Mutant": "core", "Report": "core",
-         "grade": "core", "extract_definitions": "extract", "all_exercises": "registry", "get_exercise": "registry",
+         "grade": "grader", "extract_definitions": "extract", "all_exercises": "catalog", "get_exercise": "catalog",
          "register": "registry"}
 __all__ = sorted([*_LAZY, "check"])
 
@@ -36,8 +36,8 @@ def check(name: str, obj=_MISSING) -> None:
 
     `obj` defaults to the variable called `name` in the caller's namespace (the notebook's globals).
     """
-    from .core import grade
-    from .registry import get_exercise
+    from .catalog import get_exercise
+    from .grader import grade
 
     try:
         exercise = get_exercise(name)
