@@ -38,8 +38,10 @@ demo: setup
 # Everything CI checks. Steps for parts that do not exist yet are skipped, not faked.
 test: setup lint lessons-check test-lib test-exercises test-lessons-fail test-notebooks
 
+# lint-imports: the layering of docs/architecture.md (the contracts are in pyproject.toml).
 lint: setup
 	$(BIN)/ruff check vlm_course tests $(wildcard exercises_tests) $(wildcard benchmarks)
+	$(BIN)/lint-imports --no-cache
 
 test-lib: setup
 	$(BIN)/pytest tests
