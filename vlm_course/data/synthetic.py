@@ -26,6 +26,11 @@ The committed parquet files under assets/mini_cauldron/ are rebuilt, byte for by
     python -m vlm_course.data.synthetic --out assets/mini_cauldron
 
 using SPLIT_SEEDS (train: seed 0, test: seed 1) and the sizes in TRAIN_SIZES / TEST_SIZE.
+
+Why one file of ~700 lines: the subsets share one vocabulary, one renderer and one rng discipline (each subset
+its own stream, drawn in a fixed order), and the committed files depend on all three staying exactly as they
+are. Most of the length is the question phrasings and one short generator per subset, each read on its own;
+the sections run vocabulary, drawing, fonts, subsets, generate, parquet, gallery, command line.
 """
 
 from __future__ import annotations

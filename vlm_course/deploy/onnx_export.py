@@ -114,30 +114,13 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_axes, d
         # Shape checks in our modules turn into TracerWarnings ("treated as a constant"): the shapes they
         # check (channels, image size, grid) are fixed by the config, so freezing them is what we want.
         warnings.simplefilter("ignore")
+        # The two exporters name their variable sizes differently: per-input axes, or torch.export's shapes.
         if exporter == "torchscript":
-            torch.onnx.export(
-                module,
-                args,
-                str(path),
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
-                opset_version=OPSET,
-                dynamo=False,
-            )
+            options = dict(dynamic_axes=dynamic_axes, dynamo=False)
         else:
-            torch.onnx.export(
-                module,
-                args,
-                str(path),
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_shapes=dynamic_shapes,
-                opset_version=OPSET,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
+            options = dict(dynamic_shapes=dynamic_shapes, dynamo=True, external_data=False, verbose=False)
+        torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                          opset_version=OPSET, **options)
     return path
 
 
