@@ -91,7 +91,7 @@ def save_checkpoint(output_dir, step: int, model, optimizer, scheduler, trainer_
 
     A crash before the rename leaves only a `.tmp-` folder (ignored, removed by the next save): the previous
     checkpoint stays intact. Older checkpoints are deleted only after the new one is in place.
-    weights / optimizer_state: already gathered (FSDP shards, see distributed.py) instead of read from the model.
+    weights / optimizer_state: already gathered (FSDP shards, see vlm_course/distributed.py) instead of read from the model.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

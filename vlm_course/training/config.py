@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/default"
     progress: bool = True  # tqdm bar
-    strategy: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (sharded weights); see distributed.py
+    strategy: str = "ddp"  # under torchrun: "ddp" (replicas) or "fsdp" (sharded weights); see vlm_course/distributed.py
 
     def __post_init__(self):
         for component, modes in RECIPES.items():

@@ -49,7 +49,7 @@ class Trainer:
     eval_fn(model, step) -> dict of metrics, called (in eval mode, without gradients) every cfg.eval_every
     steps and at the end; its results go into history["eval"].
 
-    Under torchrun (see distributed.py) the same code trains on every process: the loss goes through DDP/FSDP,
+    Under torchrun (see vlm_course/distributed.py) the same code trains on every process: the loss goes through DDP/FSDP,
     each process reads its own slice of every global batch, and only rank 0 writes. train_rows is a list (shuffled
     and sharded here) or a stream already split per process (load_cauldron(streaming=True, rank=, world_size=)).
     """
