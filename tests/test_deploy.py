@@ -573,3 +573,26 @@ def test_onnx_decoder_cache_round_trip_matches_pytorch_generation(tiny, tmp_path
         step_ids = [int(logits[0, -1].argmax())]
         tokens.append(step_ids[0])
     assert tokens == expected
+
+
+def test_demo_layout_bundle_generates_pytorch_tokens(tmp_path):
+    """The demo's image side (block places in words, two tokens per block, count tokens) and its QLoRA decoder,
+    merged and bundled: run.py builds the processor's prompt and generates the merged PyTorch model's tokens."""
+    from vlm_course import demo
+    from vlm_course.deploy import load_model_for_export
+
+    torch.manual_seed(0)
+    model, processor = demo.build_model("tiny", demo.quick_recipe(demo.DemoRecipe()))
+    spread_weights(model.projector, std=0.3, seed=1)
+    model = load_model_for_export(model)  # LoRA merged into dequantised float layers
+    out = build_bundle(model, tmp_path / "demo-bundle", gguf=False, processor=processor)
+    runner = load_runtime().VLMRunner(out, check_hashes=False)
+    assert runner.config["system_prompt"] is None  # the demo trains without one: so must the bundle prompt
+    for seed in (0, 1):
+        image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        assert runner.prompt(QUESTION, 1) == processor.encode_prompt(QUESTION, [image])["input_ids"].tolist()
+        pixels = processor.preprocess_images([image])
+        with torch.no_grad():
+            np.testing.assert_allclose(runner.encode_images(pixels.numpy()), model.encode_images(pixels).numpy(),
+                                       atol=1e-4)  # count tokens included: the same tallies in the graph
+        assert runner.generate_ids([image], QUESTION, max_new_tokens=12) == torch_greedy(model, processor, image)

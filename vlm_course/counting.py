@@ -42,6 +42,12 @@ def block_words() -> tuple[list[str], list[str]]:
     return [f" {c}" for c in synthetic.COLOURS] + [" no"], [f" {s}" for s in synthetic.SHAPES] + [" object"]
 
 
+def nearest(tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) tokens, (W, D) word embeddings -> (B, N) index of each token's nearest word (squared distance,
+    broadcast rather than cdist: the same graph for any batch size when exported to ONNX)."""
+    return ((tokens.float().unsqueeze(2) - words.float()) ** 2).sum(-1).argmin(-1)
+
+
 class CountTokens(nn.Module):
     """Block tokens (B, blocks * 2, D) -> one token per count label (B, labels, D): each tally's digit embedding."""
 
@@ -71,9 +77,8 @@ class CountTokens(nn.Module):
 
     def tallies(self, block_tokens: torch.Tensor) -> torch.Tensor:
         """(B, blocks * 2, D) -> (B, labels) integer counts, from each block's nearest colour and shape word."""
-        colour_token, shape_token = block_tokens[:, 0::2].float(), block_tokens[:, 1::2].float()
-        colour = torch.cdist(colour_token, self.colour_words.float().expand(len(colour_token), -1, -1)).argmin(-1)
-        shape = torch.cdist(shape_token, self.shape_words.float().expand(len(shape_token), -1, -1)).argmin(-1)
+        colour = nearest(block_tokens[:, 0::2], self.colour_words)
+        shape = nearest(block_tokens[:, 1::2], self.shape_words)
         no_colour = len(synthetic.COLOURS)  # the " no" row: an empty block
         counts = []
         for label in self.labels:

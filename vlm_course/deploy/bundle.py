@@ -158,6 +158,7 @@ def _runtime_config(model, processor, files: dict, parity, int8_scheme: str) -> 
         "image_token": c.image_token,
         "image_token_id": processor.image_token_id,
         "tokens_per_image": c.image_tokens_per_image,
+        "image_block_ids": processor.image_block_ids(),  # what one image becomes in the prompt (layout included)
         "eos_token_id": processor.eos_token_id,
         "system_prompt": processor.system_prompt,
         "hidden_size": c.decoder.hidden_size,
@@ -256,6 +257,7 @@ def build_bundle(
     overwrite: bool = False,
     verify: bool = True,
     int8_scheme: str = "dynamic",
+    processor=None,
 ) -> Path:
     """Export a trained VLM (a saved folder or a model) into a self-contained bundle folder; returns its path.
 
@@ -263,6 +265,9 @@ def build_bundle(
 
     verify: run the exported fp32 graphs against PyTorch on random inputs and refuse to write the bundle if
     the logits differ by more than PARITY_TOLERANCE (the figures go into bundle.json and README.md).
+
+    processor: the one the model was trained with (its system prompt goes into the bundle); default: a processor
+    built from the model's config, with the default system prompt.
     """
     from ..processing import VLMProcessor
 
@@ -276,7 +281,7 @@ def build_bundle(
 
     if tokenizer_problem(model.config.tokenizer):
         raise FileNotFoundError(tokenizer_problem(model.config.tokenizer))
-    processor = VLMProcessor.from_config(model.config)
+    processor = processor or VLMProcessor.from_config(model.config)
     model.config.image_token_id = processor.image_token_id
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -137,10 +137,14 @@ class PromptBuilder:
     """SmolLM2's chat format, built piece by piece exactly as the training processor does."""
 
     def __init__(
-        self, tokenizer, system_prompt, image_token: str, image_token_id: int, tokens_per_image: int
+        self, tokenizer, system_prompt, image_token: str, image_token_id: int, tokens_per_image: int,
+        image_block_ids: list[int] | None = None,
     ):
         self.tokenizer, self.system_prompt = tokenizer, system_prompt
-        self.image_token, self.image_block = image_token, [image_token_id] * tokens_per_image
+        # The ids one image becomes, as the training processor wrote them (with a grid layout, each block's place
+        # in words between the <image> ids); older bundles: a plain run of <image> ids.
+        self.image_token = image_token
+        self.image_block = list(image_block_ids) if image_block_ids else [image_token_id] * tokens_per_image
 
     def text_ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -206,7 +210,8 @@ class VLMRunner:
         self.tokenizer = Tokenizer.from_file(str(self.folder / files["tokenizer"]))
         c = self.config
         self.prompt = PromptBuilder(
-            self.tokenizer, c["system_prompt"], c["image_token"], c["image_token_id"], c["tokens_per_image"]
+            self.tokenizer, c["system_prompt"], c["image_token"], c["image_token_id"], c["tokens_per_image"],
+            c.get("image_block_ids"),
         )
         self.past_names = [i.name for i in self.decoder.get_inputs() if i.name.startswith("past_")]
         # present_key_3 comes back as the next call's past_key_3: pair them by name, not by position
