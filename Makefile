@@ -15,9 +15,20 @@ export VLM_COURSE_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test test-lib test-exercises test-lessons-fail test-notebooks lint lessons lessons-check doctor clean
+.PHONY: setup demo test test-lib test-exercises test-lessons-fail test-notebooks test-browser lint lessons lessons-check doctor clean
 
-setup: $(VENV)/.setup-done
+# Debian's Chromium, for the browser test of the instructor panel (test-browser); Playwright drives this binary and
+# never downloads a browser of its own. Elsewhere point it at an installed Chromium: make test CHROMIUM=/path/to/it
+CHROMIUM ?= /usr/bin/chromium
+SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
+
+setup: $(VENV)/.setup-done $(CHROMIUM)
+
+# Skipped when the binary is there (make only builds a missing file).
+$(CHROMIUM):
+	@command -v apt-get >/dev/null 2>&1 || { echo "no $(CHROMIUM) and no apt-get: install Chromium, then run make with CHROMIUM=/path/to/chromium"; exit 1; }
+	$(SUDO) apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
 
 $(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +47,7 @@ demo: setup
 	$(BIN)/python -m vlm_course demo
 
 # Everything CI checks. Steps for parts that do not exist yet are skipped, not faked.
-test: setup lint lessons-check test-lib test-exercises test-lessons-fail test-notebooks
+test: setup lint lessons-check test-lib test-exercises test-lessons-fail test-notebooks test-browser
 
 # lint-imports: the layering of docs/architecture.md (the contracts are in pyproject.toml).
 lint: setup
@@ -58,6 +69,11 @@ test-lessons-fail: setup
 test-notebooks: setup
 	@if ls solutions/*.ipynb >/dev/null 2>&1; then VLM_COURSE_PROFILE=tiny $(BIN)/pytest --nbval-lax solutions lessons/instructor_demo.ipynb; \
 	else echo "no solution notebooks yet: nbval skipped"; fi
+
+# The instructor panel as the room sees it: JupyterLab headless on localhost, the instructor notebook in headless
+# Chromium, every cell run, a composed scene asked, both answers on the page; screenshots in runs/browser/ (~1-2 min).
+test-browser: setup
+	VLM_COURSE_BROWSER_TEST=1 CHROMIUM=$(CHROMIUM) $(BIN)/pytest tests/test_panel_browser.py
 
 # lessons/ is generated from solutions/ (the master); CI fails when they are out of sync.
 lessons: setup
