@@ -33,11 +33,11 @@ from .vlm import VisionLanguageModel, answer
 
 
 def _recipe_from_json(path: Path):
-    from .demo import DemoRecipe, Stage
+    from .demo import RECIPE_KEYS_ADDED_LATER, DemoRecipe, Stage
 
     raw = json.loads(path.read_text())
     known = {f.name for f in fields(DemoRecipe)}
-    raw = {k: v for k, v in raw.items() if k in known}
+    raw = {**RECIPE_KEYS_ADDED_LATER, **{k: v for k, v in raw.items() if k in known}}
     raw["stages"] = tuple(Stage(**s) for s in raw.get("stages", ()))
     for key in ("subsets", "lora_targets"):
         if key in raw:
@@ -109,7 +109,8 @@ def image_attention(model: VisionLanguageModel, processor, image, question: str)
     is_image = batch["input_ids"][0] == processor.image_token_id
     image_weights = weights[is_image.to(weights.device)].cpu().numpy()
     per_block = model.config.projector.tokens_per_block  # a block's tokens sit side by side: add them up
-    image_weights = image_weights.reshape(-1, per_block).sum(-1)
+    blocks = model.config.block_grid_size**2
+    image_weights = image_weights[:blocks * per_block].reshape(blocks, per_block).sum(-1)  # count tokens have no place
     side = math.isqrt(len(image_weights))
     return image_weights.reshape(side, side)
 
@@ -202,6 +203,7 @@ def demo_panel(before, after, questions=("What colour is the circle?", "In which
     ask.on_click(on_ask)
     display(widgets.VBox([picker, upload, question, ask, out]))
     on_ask()
+
 
 # ----------------------------------------------------------------------------------------------
 # The scene composer: the room picks the objects, both models answer about the picture drawn from them
