@@ -31,7 +31,7 @@ from vlm_course.grading.sync import (
 REPO = Path(__file__).resolve().parent.parent
 FIGURES_DIR = REPO / "docs" / "figures"
 # Lessons whose solution notebook has been re-run since its plots are kept: each of its plotting cells has a figure.
-LESSONS_WITH_FIGURE_OUTPUTS = ("07",)
+LESSONS_WITH_FIGURE_OUTPUTS = ("05", "06", "07")
 PLOTTING_CELL = re.compile(r"^(?!#).*\b(viz\.(plot_|show_)\w+|error_gallery)\(", re.M)
 
 
@@ -130,23 +130,28 @@ def test_check_mode_sees_a_stale_attachment(tmp_path, monkeypatch):
 # Figures drawn by code cells: kept in solutions, small; none in lessons
 
 
-def _plotted_notebook(tmp_path: Path, *pngs: str) -> Path:
+def _plotted_notebook(tmp_path: Path, *pngs: str, kind: str = "display_data") -> Path:
     cell = nbformat.v4.new_code_cell("viz.plot_something()", execution_count=3)
     cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="drawn\n")]
-    cell.outputs += [nbformat.v4.new_output("display_data", data={"image/png": png, "text/plain": "<Figure>"},
+    cell.outputs += [nbformat.v4.new_output(kind, data={"image/png": png, "text/plain": "<Figure>"},
                                             metadata={"image/png": {"width": 400}}) for png in pngs]
+    if kind == "execute_result":
+        for output in cell.outputs[1:]:
+            output.execution_count = 3
     path = tmp_path / "solutions" / "01_demo.ipynb"
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nbformat.v4.new_notebook(cells=[cell]), path)
     return path
 
 
-def test_clean_keeps_a_figure_as_a_small_palette_png_that_looks_the_same(tmp_path):
+@pytest.mark.parametrize("kind", ["display_data", "execute_result"])
+def test_clean_keeps_a_figure_as_a_small_palette_png_that_looks_the_same(tmp_path, kind):
     original = _plot_like()
-    path = _plotted_notebook(tmp_path, _png_b64(original))
+    path = _plotted_notebook(tmp_path, _png_b64(original), kind=kind)
     cell = nbformat.reads(clean_solution(path), as_version=4).cells[0]
-    assert [o.output_type for o in cell.outputs] == ["stream", "display_data"] and cell.execution_count == 1
+    assert [o.output_type for o in cell.outputs] == ["stream", kind] and cell.execution_count == 1
     figure = cell.outputs[1]
+    assert figure.get("execution_count") is None, "no counts stored on outputs"
     assert set(figure.data) == {"image/png", "text/plain"} and figure.metadata == {}
     png = base64.b64decode(figure.data["image/png"])
     image = Image.open(io.BytesIO(png))

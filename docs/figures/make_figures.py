@@ -184,6 +184,55 @@ def image(ax, array, x, y, w, h, **kw):
 
 
 # ----------------------------------------------------------------------------------------------
+# Lesson 00: the whole course
+
+
+@figure("pipeline", "The whole model with nanoVLM's sizes, and the lesson that builds each part: an image through the "
+                    "processor, the ViT and the projector into 49 image tokens, the question through the chat "
+                    "template, both spliced into one sequence of embeddings, the decoder writing the answer; then "
+                    "training, evaluation and deployment")
+def pipeline_figure() -> Figure:
+    fig, ax = new_figure(10, 4.1)
+    title(ax, fig, "the course in one picture: nanoVLM's sizes, and the lesson that builds each part")
+    image(ax, toy_image(64), 2.0, 21.0, 9.0, 9.0)
+    label(ax, 6.5, 19.2, "image", size=8.5)
+    top = [(14.0, 13.0, "processor", "resize, normalise\n(1, 3, 224, 224)", GREY, "04"),
+           (30.0, 13.0, "ViT (SigLIP)", "196 patches\n(1, 196, 768)", VISION, "01"),
+           (46.0, 13.0, "projector", "pixel shuffle + linear\n(1, 49, 576)", PROJ, "02")]
+    for x, w, head, body, colour, lesson in top:
+        box(ax, x, 20.0, w, 11.0, "", fc=colour, ec=GREY_DARK)
+        label(ax, x + w / 2, 28.3, head, size=9, weight="bold")
+        label(ax, x + w / 2, 24.0, body, size=8.0)
+        label(ax, x + w / 2, 33.0, f"lesson {lesson}", size=8.3, color=GREY_DARK)
+    for xa, xb in [(11.5, 13.8), (27.2, 29.8), (43.2, 45.8)]:
+        arrow(ax, (xa, 25.5), (xb, 25.5))
+    label(ax, 1.5, 12.0, "\"What\nshapes do\nyou see?\"", size=8.3, ha="left")
+    box(ax, 14.0, 7.5, 45.0, 9.0, "", fc=TEXT, ec=GREY_DARK)
+    label(ax, 36.5, 14.2, "chat template with 49 <image> slots → token ids (1, T)", size=8.6, weight="bold")
+    label(ax, 36.5, 10.2, "<|im_start|>user⏎<image>…<image>What shapes do you see?<|im_end|>⏎\n"
+          "<|im_start|>assistant⏎", size=7.6)
+    label(ax, 36.5, 5.6, "lesson 04", size=8.3, color=GREY_DARK)
+    arrow(ax, (12.5, 12.0), (13.8, 12.0))
+    box(ax, 63.0, 13.0, 14.0, 12.0, "", fc=mix(PROJ_DARK, 0.8), ec=GREY_DARK)
+    label(ax, 70.0, 21.8, "splice", size=9, weight="bold")
+    label(ax, 70.0, 17.2, "image tokens over\nthe <image> slots\n(1, T, 576)", size=8.0)
+    label(ax, 70.0, 27.0, "lesson 04", size=8.3, color=GREY_DARK)
+    arrow(ax, (59.2, 25.5), (63.0, 22.0))
+    arrow(ax, (59.2, 12.0), (63.0, 16.0))
+    box(ax, 80.5, 13.0, 12.5, 12.0, "", fc=TEXT, ec=GREY_DARK)
+    label(ax, 86.75, 21.8, "decoder", size=9, weight="bold")
+    label(ax, 86.75, 17.2, "SmolLM2-135M\nlogits\n(1, T, 49,152)", size=8.0)
+    label(ax, 86.75, 27.0, "lesson 03", size=8.3, color=GREY_DARK)
+    arrow(ax, (77.2, 19.0), (80.3, 19.0))
+    arrow(ax, (93.2, 19.0), (95.5, 19.0))
+    label(ax, 96.0, 15.0, "answer,\ntoken by\ntoken", size=8.0, ha="center", va="top")
+    ax.add_patch(FancyBboxPatch((2.2, 0.8), 95.6, 3.2, boxstyle="round,pad=0.3", fc="#fafafa", ec=GREY, lw=1.0))
+    label(ax, 50, 2.4, "then: lesson 05 trains it (QLoRA)   ·   lesson 06 measures it   ·   lesson 07 takes it to a "
+          "Jetson Orin Nano", size=8.8)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
 # Lesson 01: the ViT
 
 
@@ -591,6 +640,234 @@ def kv_cache_figure() -> Figure:
         label(ax, 54 + 6 * cw + 1.5, y - 1.2, note, size=8.3, ha="left", color=GREY_DARK)
     label(ax, 2, 2.2, "update(layer, k, v) appends along the T axis (dim 2) and returns the whole cache. Without a cache, "
           "step n would run the model on all n tokens again.", size=8.5, ha="left")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesson 04: assembling the VLM
+
+
+def _token(ax, x, y, w, h, text, fc, ec, size=7.6, color=INK, weight="normal"):
+    rect(ax, x, y, w, h, fc=fc, ec=ec, lw=1.0)
+    label(ax, x + w / 2, y + h / 2, text, size=size, color=color, weight=weight)
+
+
+@figure("splice", "Splicing: the prompt's token ids hold a block of <image> placeholders; text positions get their "
+                  "token embeddings, and the image features from the ViT and projector are written over the "
+                  "<image> positions, in order, giving one sequence of embeddings for the decoder")
+def splice_figure() -> Figure:
+    fig, ax = new_figure(10, 4.3)
+    title(ax, fig, "splicing: image features written over the <image> positions of the text embeddings")
+    tokens = ["<|im_start|>", "user", "⏎", *["<image>"] * 4, "What", " shapes", "?", "<|im_end|>", "⏎",
+              "<|im_start|>", "assistant", "⏎"]
+    w, x0 = 5.7, 12.5
+    is_image = [t == "<image>" for t in tokens]
+    label(ax, 2, 33.5, "input_ids\n(B, T)", size=8.8, ha="left")
+    label(ax, 2, 19.5, "embeddings\n(B, T, D):\nthe decoder's\ninput", size=8.8, ha="left")
+    label(ax, 2, 5.0, "image\nfeatures\n(N, P, D)", size=8.8, ha="left")
+    for k, (text, image_slot) in enumerate(zip(tokens, is_image)):
+        x = x0 + k * w
+        _token(ax, x, 31.5, w - 0.3, 4.0, text, fc=PROJ if image_slot else TEXT,
+               ec=PROJ_DARK if image_slot else TEXT_DARK, size=6.6 if len(text) > 7 else 7.8)
+        colour = mix(PROJ_DARK, 0.25) if image_slot else mix(TEXT_DARK, 0.45)
+        for j in range(5):
+            rect(ax, x + 1.4, 15.0 + j * 1.8, w - 3.1, 1.8, fc=colour, ec="white", lw=0.8)
+        if not image_slot:
+            arrow(ax, (x + w / 2 - 0.15, 31.2), (x + w / 2 - 0.15, 24.4), color=TEXT_DARK, lw=1.0, scale=7)
+    label(ax, x0 + 11 * w, 27.8, "text positions: embed_tokens(ids)", size=8.5, color=TEXT_DARK,
+          bbox=dict(fc="white", ec="none", pad=1.5), zorder=6)
+    label(ax, x0 + 5.0 * w, 27.8, "<image> positions: no lookup", size=8.5, color=PROJ_DARK)
+    # the image side
+    image(ax, toy_image(64), 12.5, 1.5, 7.5, 7.5)
+    arrow(ax, (20.5, 5.2), (22.0, 5.2))
+    box(ax, 22.2, 2.6, 4.2, 5.2, "", fc=VISION, ec=VISION_DARK)
+    label(ax, 24.3, 10.6, "ViT +\nprojector", size=7.8)
+    arrow(ax, (26.6, 5.2), (x0 + 3 * w + 1.2, 5.2))
+    for k in range(4):
+        x = x0 + (3 + k) * w
+        for j in range(5):
+            rect(ax, x + 1.4, 1.5 + j * 1.5, w - 3.1, 1.5, fc=mix(PROJ_DARK, 0.25), ec="white", lw=0.8)
+        arrow(ax, (x + w / 2 - 0.15, 9.4), (x + w / 2 - 0.15, 14.6), color=PROJ_DARK, lw=1.2, scale=8)
+    label(ax, x0 + 7 * w + 2.0, 5.5, "The i-th image's P features fill the i-th block of <image>\npositions, "
+          "reading the batch row by row. In nanoVLM a block\nis 49 positions (4 drawn); the counts must match.",
+          size=8.3, ha="left", color=PROJ_DARK)
+    return fig
+
+
+def _label_row(ax, tokens, labels, y, x0=2.0, w=6.3):
+    for k, (text, trained) in enumerate(zip(tokens, labels)):
+        x = x0 + k * w
+        pad = text == "pad"
+        fc = GREY if pad else (mix(TEXT_DARK, 0.3) if trained else "white")
+        _token(ax, x, y, w - 0.3, 3.6, text, fc=fc, ec=TEXT_DARK if trained else GREY_DARK,
+               color="white" if trained else INK, size=7.0 if len(text) > 8 else 7.8)
+        label(ax, x + (w - 0.3) / 2, y - 2.0, text if trained else "-100", size=7.8,
+              color=TEXT_DARK if trained else GREY_DARK, weight="bold" if trained else "normal")
+
+
+@figure("answer_labels", "Answer-only labels on a two-turn conversation: every token is -100 except each assistant "
+                         "answer and the <|im_end|> that closes it; the newline after it and the padding are -100 too")
+def answer_labels_figure() -> Figure:
+    fig, ax = new_figure(10, 3.9)
+    title(ax, fig, "answer-only labels: train the answers and the <|im_end|> that closes each one")
+    turn1 = ["<|im_start|>", "user", "⏎", "<image>", "<image>", "Colour", "?", "<|im_end|>", "⏎", "<|im_start|>",
+             "assistant", "⏎", "red", "<|im_end|>", "⏎"]
+    turn2 = ["<|im_start|>", "user", "⏎", "Shape", "?", "<|im_end|>", "⏎", "<|im_start|>", "assistant", "⏎",
+             "circle", "<|im_end|>", "⏎", "pad", "pad"]
+    trained1 = [False] * 12 + [True, True, False]
+    trained2 = [False] * 10 + [True, True, False, False, False]
+    label(ax, 2, 33.2, "tokens", size=8.5, ha="left", color=GREY_DARK)
+    _label_row(ax, turn1, trained1, 27.0)
+    label(ax, 2, 22.5, "tokens (continued)", size=8.5, ha="left", color=GREY_DARK)
+    _label_row(ax, turn2, trained2, 16.3)
+    label(ax, 2, 31.3, "", size=1)
+    label(ax, 96.5, 11.6, "below each token: its label, -100 or (green) the token's own id", size=8.3, ha="right",
+          color=GREY_DARK)
+    ax.add_patch(FancyBboxPatch((2.2, 1.2), 95.6, 7.2, boxstyle="round,pad=0.3", fc="#fafafa", ec=GREY, lw=1.0))
+    label(ax, 50, 4.8, "Labels are input_ids with -100 (IGNORE_INDEX) wherever the loss must not look: the prompt, "
+          "the image, the newline after <|im_end|>,\nand the padding (attention_mask 0 there). They are not shifted: "
+          "the loss scores position t's logits against label t + 1.", size=8.5)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesson 05: QLoRA
+
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)  # bitsandbytes' table, index = the 4-bit code
+
+
+@figure("nf4", "NF4: a weight cut into blocks, one absmax per block; each value divided by its block's absmax and "
+               "replaced by the code of the nearest of 16 levels placed at normal quantiles (code 7 is exactly 0); "
+               "stored as 4-bit codes plus one fp32 absmax per block, 4.5 bits per weight")
+def nf4_figure() -> Figure:
+    fig, ax = new_figure(10, 4.5)
+    title(ax, fig, "NF4: one scale per block, then the nearest of 16 normal-quantile levels")
+    rng = np.random.default_rng(7)
+    n_blocks, per = 4, 12
+    values = rng.normal(0, 0.02, size=(n_blocks, per))
+    values[2, 5] = 0.09  # an outlier: it only coarsens its own block
+    absmax = np.abs(values).max(1)
+    cmap = matplotlib.colormaps["RdBu_r"]
+    cw, x0, y0 = 1.75, 4.0, 33.0
+    label(ax, 2, 38.8, "the weight, flattened in memory order, cut into blocks (64 values each in QLoRA; 12 drawn)",
+          size=9, ha="left")
+    for b in range(n_blocks):
+        bx = x0 + b * (per * cw + 2.6)
+        for k in range(per):
+            rect(ax, bx + k * cw, y0, cw, 3.2, fc=cmap(0.5 + values[b, k] / 0.2), ec="white", lw=0.6)
+        rect(ax, bx - 0.2, y0 - 0.2, per * cw + 0.4, 3.6, fc="none", ec=PROJ_DARK if b == 0 else GREY_DARK,
+             lw=1.6 if b == 0 else 1.0)
+        note = {0: " (fp32)", 2: ": an outlier's"}.get(b, "")
+        label(ax, bx + per * cw / 2, y0 - 1.9, f"block {b}: absmax {absmax[b]:.3f}{note}", size=8.3,
+              color=PROJ_DARK if b == 0 else INK)
+    # the number line
+    lx0, lx1, ly = 8.0, 70.0, 14.0
+
+    def at(v):
+        return lx0 + (v + 1) / 2 * (lx1 - lx0)
+
+    ax.plot([lx0, lx1], [ly, ly], color=INK, lw=1.2)
+    for code, level in enumerate(NF4_LEVELS):
+        ax.plot([at(level)] * 2, [ly - 1.0, ly + 1.0], color=INK if code != 7 else TEXT_DARK, lw=1.4)
+        label(ax, at(level), ly - 2.4, str(code), size=8, color=TEXT_DARK if code == 7 else INK,
+              weight="bold" if code == 7 else "normal")
+    label(ax, at(-1), ly - 4.6, "-1", size=8, color=GREY_DARK)
+    label(ax, at(0), ly - 4.6, "0 exactly", size=8, color=TEXT_DARK)
+    label(ax, at(1), ly - 4.6, "1", size=8, color=GREY_DARK)
+    label(ax, lx0 - 1.0, ly - 2.4, "code", size=8, ha="right", color=GREY_DARK)
+    levels = np.array(NF4_LEVELS)
+    for k, v in enumerate(values[0] / absmax[0]):
+        nearest = levels[np.abs(levels - v).argmin()]
+        y = ly + 3.0 + (k % 3) * 1.4
+        ax.add_patch(Circle((at(v), y), 0.55, fc=cmap(0.5 + values[0, k] / 0.2), ec=INK, lw=0.6, zorder=5))
+        arrow(ax, (at(v), y - 0.6), (at(nearest), ly + 1.1), color=GREY_DARK, lw=0.8, scale=6)
+    label(ax, lx0, 25.6, "block 0 divided by its absmax (now in [-1, 1]); each value becomes the code of the "
+          "nearest level:", size=8.6, ha="left", color=PROJ_DARK)
+    label(ax, 39, 4.2, "16 levels at quantiles of a normal distribution: dense near 0, where trained weights are",
+          size=8.3, color=GREY_DARK)
+    box(ax, 74.5, 3.0, 23.3, 22.0, "", fc="#fafafa", ec=GREY)
+    label(ax, 86.1, 22.6, "stored", size=9, weight="bold")
+    label(ax, 86.1, 17.5, "a 4-bit code per weight\n+ one fp32 absmax\nper block of 64:\n4 + 32/64 = 4.5 bits",
+          size=8.5)
+    label(ax, 86.1, 10.6, "read back", size=9, weight="bold")
+    label(ax, 86.1, 6.6, "level[code] × absmax\nof the code's block", size=8.5)
+    return fig
+
+
+@figure("lora", "LoRA: the input goes through the frozen weight W, and in parallel through dropout, A (r x in) and "
+                "B (out x r, zero at the start), scaled by alpha over r; the two are added. On a 4-bit base it is QLoRA")
+def lora_figure() -> Figure:
+    fig, ax = new_figure(10, 3.9)
+    title(ax, fig, "LoRA: a frozen weight plus a trainable low-rank update (QLoRA: the frozen weight in NF4)")
+    ax.plot([6.0, 10.0], [18.5, 18.5], color=INK, lw=1.4)
+    label(ax, 4.5, 18.5, "x", size=11, weight="bold")
+    label(ax, 4.5, 15.8, "(…, in)", size=8, color=GREY_DARK)
+    ax.plot([10.0, 10.0], [9.0, 28.0], color=INK, lw=1.4)
+    arrow(ax, (10.0, 28.0), (21.0, 28.0))
+    box(ax, 21.0, 22.0, 13.0, 12.0, "W\nout × in\nfrozen", fc=FROZEN, ec=GREY_DARK, size=9.5, radius=0.3,
+        style="square")
+    label(ax, 27.5, 20.2, "QLoRA: NF4 codes + absmax,\ndequantised at every call", size=8, color=GREY_DARK, va="top")
+    ax.plot([34.0, 72.0], [28.0, 28.0], color=INK, lw=1.4)
+    arrow(ax, (72.0, 28.0), (72.0, 20.0))
+    arrow(ax, (10.0, 9.0), (15.0, 9.0))
+    box(ax, 15.0, 6.5, 9.0, 5.0, "dropout", fc=GREY, ec=GREY_DARK, size=8.5)
+    arrow(ax, (24.0, 9.0), (27.0, 9.0))
+    box(ax, 27.0, 7.6, 13.0, 2.8, "A  r × in", fc=TRAINED, ec=RED, size=8.5, radius=0.3, style="square")
+    label(ax, 33.5, 5.2, "random (Kaiming) init", size=8, color=RED)
+    arrow(ax, (40.0, 9.0), (44.0, 9.0))
+    box(ax, 44.0, 3.0, 2.8, 12.0, "", fc=TRAINED, ec=RED, radius=0.3, style="square")
+    label(ax, 45.4, 9.0, "B", size=8.5)
+    label(ax, 48.0, 13.2, "B  out × r\nzero at init", size=8, color=RED, ha="left")
+    arrow(ax, (46.8, 9.0), (58.0, 9.0))
+    box(ax, 58.0, 6.5, 8.0, 5.0, "× α / r", fc=TRAINED, ec=RED, size=8.5)
+    ax.plot([66.0, 72.0], [9.0, 9.0], color=INK, lw=1.4)
+    arrow(ax, (72.0, 9.0), (72.0, 17.0))
+    plus(ax, 72.0, 18.5)
+    arrow(ax, (73.4, 18.5), (78.0, 18.5))
+    label(ax, 79.0, 18.5, "y  (…, out)", size=10, weight="bold", ha="left")
+    label(ax, 58.0, 32.0, "y = W x + (α / r) · B A x", size=10, color=INK, ha="left")
+    label(ax, 76.0, 10.5, "SmolLM2's q_proj at r = 8:\nW 576 × 576 = 331,776 frozen,\nA and B 8 · (576 + 576)\n"
+          "= 9,216 trained (2.8%)", size=8.3, ha="left", va="top", color=GREY_DARK)
+    label(ax, 2.0, 36.3, "", size=1)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Lesson 06: evaluation
+
+
+@figure("vqa_accuracy", "VQA accuracy with ten human answers: for each of the ten ways of leaving one human out, "
+                        "min(agreeing humans / 3, 1); the score is the mean of the ten, so red scores 1.0, maroon "
+                        "0.6, crimson 0.3 and pink 0")
+def vqa_accuracy_figure() -> Figure:
+    fig, ax = new_figure(10, 3.5)
+    title(ax, fig, "VQA accuracy: min(agreeing humans / 3, 1), averaged over the 10 ways to leave one human out")
+    humans = ["red"] * 4 + ["maroon"] * 2 + ["dark red"] * 2 + ["burgundy", "crimson"]
+    predictions = [("Red.", "red"), ("maroon", "maroon"), ("crimson", "crimson"), ("pink", "pink")]
+    cw, x0, top = 6.4, 22.0, 25.0
+    label(ax, 2, top + 1.6, "10 human answers", size=8.8, ha="left")
+    for k, h in enumerate(humans):
+        _token(ax, x0 + k * cw, top, cw - 0.4, 3.2, h, fc=GREY, ec=GREY_DARK, size=7.6)
+    label(ax, x0 + 5 * cw, top + 4.8, "column k: human k left out, 9 answers remain", size=8.3, color=GREY_DARK)
+    label(ax, x0 + 10 * cw + 4.0, top + 1.6, "score", size=8.8, weight="bold")
+    greens = matplotlib.colormaps["Greens"]
+    for r, (shown, norm) in enumerate(predictions):
+        y = top - 5.5 - r * 4.6
+        label(ax, 2, y + 1.6, f"prediction {shown!r}", size=8.8, ha="left")
+        credits = []
+        for k in range(10):
+            agree = sum(h == norm for i, h in enumerate(humans) if i != k)
+            credit = min(1.0, agree / 3)
+            credits.append(credit)
+            _token(ax, x0 + k * cw, y, cw - 0.4, 3.2, f"{agree} → {credit:.2f}".replace("1.00", "1"),
+                   fc=greens(0.08 + 0.55 * credit), ec="white", size=7.6)
+        label(ax, x0 + 10 * cw + 4.0, y + 1.6, f"{np.mean(credits):.2f}", size=9.5, weight="bold")
+    label(ax, 2, 2.0, "Each cell: humans agreeing among the 9 left → min(count / 3, 1). Both sides are normalised "
+          "first ('Red.' → 'red'). One agreeing human is worth 0.3, three 0.9.", size=8.4, ha="left",
+          color=GREY_DARK)
     return fig
 
 

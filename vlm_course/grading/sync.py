@@ -136,17 +136,19 @@ def small_outputs(cell) -> list:
 
     HTML, widgets, stderr (warnings with local paths) and errors are dropped: they are large, differ between
     machines, or both. Text longer than MAX_KEPT_OUTPUT_CHARS is dropped, except in cells marked
-    NBVAL_CHECK_OUTPUT, whose text nbval compares. A figure (a PNG display) is kept as a palette PNG (see
+    NBVAL_CHECK_OUTPUT, whose text nbval compares. A figure (a PNG displayed or returned) is kept as a palette PNG (see
     `small_png`) with its text/plain stand-in, or dropped if it is still bigger than MAX_KEPT_PNG_BYTES.
     """
     checked = CHECK_OUTPUT in cell.source
     kept = []
     for output in cell.get("outputs", []):
-        if output.output_type == "display_data" and "image/png" in output.data:
+        if output.output_type in ("display_data", "execute_result") and "image/png" in output.data:
             png = small_png(output.data["image/png"])
             if png is not None:
                 data = {"image/png": png, "text/plain": output.data.get("text/plain", "<Figure>")}
-                kept.append(nbformat.v4.new_output("display_data", data=data))
+                kept.append(nbformat.v4.new_output(output.output_type, data=data))
+                if output.output_type == "execute_result":
+                    kept[-1].execution_count = None
             continue
         if output.output_type == "stream" and output.name == "stdout":
             text = output.text
