@@ -1,6 +1,7 @@
 """Smoke tests for the offline demo and the course's small ViT (fast: tiny profile, a few steps)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -88,18 +89,6 @@ def test_pretrain_and_save_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x), encoder(x))
 
 
-def test_captions_name_every_object_in_reading_order():
-    from vlm_course.data.synthetic import Shape
-
-    shapes = [Shape("circle", "red", 50.0, 55.0, 10.0), Shape("square", "blue", 10.0, 10.0, 10.0),
-              Shape("triangle", "green", 32.0, 32.0, 10.0)]
-    assert demo.caption(shapes, 64) == "3 objects: blue square top left, green triangle center, red circle bottom right."
-    samples = demo.caption_samples(3, seed=0)
-    assert [s["question"] for s in samples] == [demo.CAPTION_PROMPT] * 3
-    assert all(s["answer"].split()[0].isdigit() and s["image"].size == (64, 64) for s in samples)
-    assert [s["answer"] for s in samples] == [s["answer"] for s in demo.caption_samples(3, seed=0)]
-
-
 # ----------------------------------------------------------------------------------------------
 # The demo's training pieces, on the tiny profile
 
@@ -116,82 +105,75 @@ def _samples(n=4):
     return demo.load_samples("test", ["count", "mc"], n // 2)
 
 
-def test_answer_loss_equals_the_full_loss(tiny):
-    """Left padding + logits only at the answers gives the same loss as the model's own right-padded forward."""
-    model, processor = tiny
-    encoded = demo.encode_samples(processor, _samples())
-    with torch.no_grad():
-        fast = demo.answer_loss(model, demo.collate(processor, encoded, padding_side="left"))
-        full = model(**demo.collate(processor, encoded, padding_side="right")).loss
-    torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-4)
+def test_train_config_is_the_recipe_for_the_library_trainer():
+    """A stage trains what has a learning rate above 0; the rest of the recipe maps one to one."""
+    recipe = demo.DemoRecipe()
+    qa = recipe.stages[1]
+    cfg = demo.train_config(recipe, qa, "out")
+    assert (cfg.vision, cfg.projector, cfg.decoder) == ("frozen", "frozen", "qlora")
+    assert (cfg.lr_lora, cfg.max_steps, cfg.batch_size, cfg.lora_r, cfg.lora_alpha) == (1e-3, 200, 16, 16, 32)
+    assert math.ceil(cfg.warmup_fraction * cfg.max_steps) == qa.warmup_steps  # the Trainer's warmup, in steps
+    assert cfg.group_by_length and cfg.frozen_dtype == "compute" and cfg.adam_betas == (0.9, 0.95)
+    both = demo.Stage("s", steps=10, lr_projector=1e-3, lr_vision=1e-4, lr_lora=0.0, warmup_steps=1)
+    cfg = demo.train_config(recipe, both)
+    assert (cfg.vision, cfg.projector, cfg.lr_projector, cfg.lr_vision) == ("full", "full", 1e-3, 1e-4)
 
 
-def test_batches_bucket_by_length_and_cover_an_epoch(tiny):
-    _, processor = tiny
-    encoded = demo.encode_samples(processor, demo.load_samples("test", ["count", "mc"], 16))
-    batches = demo.Batches(processor, encoded, batch_size=4, seed=0)
-    batches.new_epoch()
-    epoch = [list(b) for b in batches.batches]
-    seen = [i for b in epoch for i in b]
-    assert len(seen) == len(set(seen)) == len(encoded)  # 32 samples, 8 batches of 4: each exactly once
-    padded = sum(4 * max(len(encoded[i]["input_ids"]) for i in b) for b in epoch)
-    assert padded < 1.1 * sum(len(e["input_ids"]) for e in encoded)  # mc and count rows are not mixed
-    assert demo.Batches(processor, encoded, 4, seed=0).next()["input_ids"].shape[0] == 4
+def test_retired_stage_kinds_are_refused():
+    with pytest.raises(ValueError, match="retired"):
+        demo.Stage("captions", steps=10, lr_projector=1e-3, lr_vision=0.0, lr_lora=0.0, warmup_steps=1,
+                   data="captions")
 
 
-def test_qlora_gradients_reach_the_projector_after_an_evaluation():
-    """bitsandbytes repacks 4-bit weights for fast CPU inference, and the repacked kernel has no backward;
-    make_qlora must keep gradients flowing to the projector even after an eval pass."""
-    torch.manual_seed(0)
-    recipe = demo.quick_recipe(demo.DemoRecipe())
-    model = VisionLanguageModel.from_profile("tiny")
-    processor = VLMProcessor.from_config(model.config, system_prompt=None)
-    demo.make_qlora(model, recipe)
-    samples = _samples()
-    demo.evaluate(model, processor, samples, batch_size=4, max_new_tokens=2, progress=False)
-    model.train()
-    batch = demo.collate(processor, demo.encode_samples(processor, samples))
-    with demo.compute_autocast(model):
-        loss = demo.answer_loss(model, batch)
-    loss.backward()
-    grad = model.projector.proj.weight.grad
-    assert grad is not None and grad.abs().sum() > 0
-    lora = demo.lora_parameters(model)
-    assert lora and all(not p.requires_grad or p.grad is not None for p in lora)
-
-
-@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
-def test_make_qlora_quantises_the_blocks_and_keeps_the_head_tied(precision, dtype):
-    """bf16 compute only where asked (or, with "auto", where the CPU has native bf16: emulated bf16 is ~100x
-    slower than fp32 on an AVX2-only CPU); the 4-bit layers, embeddings and autocast all follow that choice."""
+def test_demo_model_gets_the_librarys_qlora():
+    """build_model sets QLoRA up with vlm_course.training's apply_recipe: 4-bit blocks, LoRA only trainable, the
+    tied head kept, frozen embeddings in the compute dtype."""
     import bitsandbytes as bnb
 
-    model = VisionLanguageModel.from_profile("tiny")
-    demo.make_qlora(model, demo.DemoRecipe(precision=precision))
+    torch.manual_seed(0)
+    model, _ = demo.build_model("tiny", demo.replace(demo.DemoRecipe(), precision="bf16"))
     q_proj = model.decoder.layers[0].self_attn.q_proj.base_layer
-    assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.compute_dtype == dtype
+    assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.compute_dtype == torch.bfloat16
     assert model.decoder.lm_head.weight is model.decoder.embed_tokens.weight
-    assert model.decoder.embed_tokens.weight.dtype == dtype
-    with demo.compute_autocast(model):
-        assert torch.is_autocast_enabled("cpu") == (dtype == torch.bfloat16)
-        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert model.decoder.embed_tokens.weight.dtype == torch.bfloat16
     assert model.decoder.rotary.inv_freq.dtype == torch.float32
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.decoder.named_parameters())
+    with demo.compute_autocast(model):
+        assert torch.is_autocast_enabled("cpu")
 
 
-def test_make_optimizer_groups_by_module_not_by_name(tiny):
-    """'proj' is in q_proj/o_proj too: groups must come from the modules, or LoRA gets the projector's lr."""
-    model, _ = tiny
-    import copy
+def test_demo_trains_with_the_library_trainer(tmp_path):
+    """The QA stage is a vlm_course.training.Trainer run: its checkpoint is in out/train/<stage>, the LoRA
+    adapters change, and a second run starts afresh there (not a resume of the first, not an error)."""
+    torch.manual_seed(0)
+    recipe = demo.quick_recipe(demo.DemoRecipe())
+    model, processor = demo.build_model("tiny", recipe)
+    samples = demo.load_samples("test", ["count", "mc"], 8)
+    lora_before = [p.detach().clone() for p in demo.lora_parameters(model)]
+    history = demo.train(model, processor, samples, recipe, tmp_path, progress=False)
+    assert [h["stage"] for h in history] == ["words", "qlora", "qlora", "qlora"]
+    assert (tmp_path / "train" / "qlora" / "checkpoint-000003").is_dir()
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, demo.lora_parameters(model)))
+    demo.train(model, processor, samples, replace_stages(recipe, 2), tmp_path, progress=False)  # no FileExistsError
+    assert (tmp_path / "train" / "qlora" / "checkpoint-000002").is_dir()
+    assert not (tmp_path / "train" / "qlora" / "checkpoint-000003").exists()
 
-    model = copy.deepcopy(model)
-    demo.make_qlora(model, demo.DemoRecipe())
-    stage = demo.Stage("s", steps=1, lr_projector=1e-3, lr_vision=0.0, lr_lora=1e-4, warmup_steps=1)
-    optimizer = demo.make_optimizer(model, stage)
-    groups = {g["name"]: g for g in optimizer.param_groups}
-    assert set(groups) == {"projector", "lora"}
-    assert {id(p) for p in groups["projector"]["params"]} == {id(p) for p in model.projector.parameters()}
-    assert all(not p.requires_grad for p in model.vision.parameters())
+
+def replace_stages(recipe, steps):
+    return demo.replace(recipe, stages=tuple(demo.replace(s, steps=steps) if s.fit == "gradient" else s
+                                             for s in recipe.stages))
+
+
+def test_demo_evaluation_is_the_librarys_loop(tiny):
+    """demo.evaluate scores with vlm_course.evaluation: the same per-subset figures as evaluating the rows."""
+    from vlm_course.evaluation import evaluate as evaluate_rows
+
+    model, processor = tiny
+    samples = _samples(8)
+    accuracy, records = demo.evaluate(model, processor, samples, batch_size=4, max_new_tokens=2, progress=False)
+    direct = evaluate_rows(model, processor, demo.as_rows(samples), batch_size=4, max_new_tokens=2, progress=False)
+    assert accuracy == direct.by_subset
+    assert [r["prediction"] for r in records] == [r.prediction for r in direct.records]
 
 
 def test_quick_demo_runs_end_to_end(tmp_path, capsys):

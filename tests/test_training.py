@@ -249,7 +249,9 @@ class Crash(Exception):
 
 @pytest.mark.parametrize("recipe", [
     dict(vision="full", decoder="lora", lora_dropout=0.1, neftune_alpha=5.0, precision="fp32"),
-    dict(decoder="qlora", precision="bf16"),  # the demo's path: NF4 base, bf16 autocast
+    dict(decoder="qlora", precision="bf16"),  # NF4 base, bf16 autocast
+    # the demo's path: also frozen embeddings in bf16, batches grouped by length (their order is in the checkpoint)
+    dict(decoder="qlora", precision="bf16", frozen_dtype="compute", group_by_length=2, adam_betas=(0.9, 0.95)),
 ])
 def test_interrupted_and_resumed_run_gives_the_same_losses(tmp_path, processor, rows, recipe):
     """Tolerance 0: every per-step loss and the final weights are bit-identical, LoRA dropout and NEFTune noise

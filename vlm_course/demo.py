@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import os
-import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -41,13 +40,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import get_profile
-from .decoder import RMSNorm
-from .evaluation import mmstar_match, normalize_answer
+from .evaluation import with_other_images
 from .processing import VLMProcessor
+from .training import TrainConfig
 from .vlm import VisionLanguageModel
 
 EVAL_SUBSETS = ("shapes", "count", "position", "spatial", "mc")
@@ -69,15 +67,19 @@ class Stage:
     lr_vision: float  # 0: the ViT stays frozen in this stage
     lr_lora: float  # 0: the decoder stays frozen (LoRA adapters untouched)
     warmup_steps: int
-    # "qa": the mini-cauldron's questions; "captions": dense synthetic captions (`caption_samples`); "words": fresh
-    # scenes whose image tokens are regressed onto the decoder's embeddings of the words that name each block's
-    # object (`word_targets`): no decoder forward pass, so a step costs a ViT pass only.
+    # "qa": the mini-cauldron's questions, trained by vlm_course.training's Trainer. "words" (with
+    # fit="least_squares"): fresh scenes whose image tokens are regressed onto the decoder's embeddings of the words
+    # that name each block's object (`word_targets`), solved in closed form from `scenes` scenes; no decoder pass.
     data: str = "qa"
     batch_size: int | None = None  # None: the recipe's batch_size
-    # "gradient": `steps` AdamW steps. "least_squares" (data="words" only): the linear projector is solved in closed
-    # form (ridge regression of the word embeddings on the frozen ViT's block vectors) from `scenes` fresh scenes.
-    fit: str = "gradient"
+    fit: str = "gradient"  # "gradient": `steps` AdamW steps; "least_squares": the linear projector in closed form
     scenes: int = 0
+
+    def __post_init__(self):
+        if (self.data, self.fit) not in (("qa", "gradient"), ("words", "least_squares")):
+            raise ValueError(f"stage {self.name!r}: data={self.data!r} with fit={self.fit!r} is not a stage the demo "
+                             "runs: use data='qa' (gradient steps) or data='words' with fit='least_squares' (the "
+                             "caption and gradient word stages of docs/demo_findings.md were retired)")
 
 
 @dataclass
@@ -139,35 +141,35 @@ def quick_recipe(recipe: DemoRecipe) -> DemoRecipe:
 
 
 # ----------------------------------------------------------------------------------------------
-# QLoRA: 4-bit NF4 base (bitsandbytes) + LoRA adapters (peft)
+# QLoRA and the training loop: vlm_course.training's, driven by the recipe
 
 
-def make_qlora(model: VisionLanguageModel, recipe: DemoRecipe) -> None:
-    """Quantise the decoder's transformer layers to NF4 and inject LoRA adapters (in place).
+def train_config(recipe: DemoRecipe, stage: Stage | None = None, output_dir: str | Path = "runs/demo/train",
+                 progress: bool = True, log_every: int = 0) -> TrainConfig:
+    """The recipe (and one of its gradient stages) as a `vlm_course.training.TrainConfig`: what the Trainer runs.
 
-    The building blocks are `vlm_course.training`'s (quantize_4bit, add_lora). Only `model.decoder.layers`
-    is quantised: the ViT and projector, which train fully, are untouched. The decoder's other frozen
-    weights (embeddings = tied LM head, RMSNorm scales) are stored in the compute dtype (bf16 where the CPU
-    has native bf16, see `DemoRecipe.precision`, else fp32). With bf16 the residual stream then stays in bf16
-    end to end instead of being converted fp32 <-> bf16 around each of the 210 linear layers (a fifth of a
-    step's CPU time in a profile). RoPE's frequency table stays fp32.
+    QLoRA as SmolVLM's fine-tuning notebook sets it up: the decoder's blocks in 4-bit NF4 with LoRA on every linear
+    layer, the other frozen weights in the compute dtype (`frozen_dtype="compute"`: bf16 where the CPU has it).
+    A component trains in a stage when its learning rate there is above 0. AdamW with betas (0.9, 0.95) and no
+    weight decay (a 200-step run), warmup then cosine to 10% of the peak, gradients clipped at 1, batches of
+    similar length (`group_by_length`: a third fewer padded tokens per step).
     """
-    from .training import TrainConfig, add_lora, autocast_dtype, quantize_4bit
+    from .training import TrainConfig
 
-    dtype = autocast_dtype(recipe.precision, torch.device("cpu")) or torch.float32
-    model.decoder.requires_grad_(False)
-    quantize_4bit(model.decoder.layers, compute_dtype=dtype, double_quant=recipe.double_quant)
-    model.decoder.embed_tokens.to(dtype)  # .to() keeps the Parameter object: the LM head stays tied
-    for module in model.decoder.modules():
-        if isinstance(module, RMSNorm):
-            module.to(dtype)
-    lora = TrainConfig(decoder="qlora", lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
-                       lora_dropout=recipe.lora_dropout, lora_targets=recipe.lora_targets)
-    add_lora(model.decoder, recipe.lora_targets, lora)
+    stage = stage or next((s for s in recipe.stages if s.fit == "gradient"), Stage("setup", 1, 0.0, 0.0, 0.0, 0))
+    return TrainConfig(
+        vision="full" if stage.lr_vision > 0 else "frozen", projector="full" if stage.lr_projector > 0 else "frozen",
+        decoder="qlora", lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+        lora_targets=recipe.lora_targets, double_quant=recipe.double_quant, frozen_dtype="compute",
+        precision=recipe.precision, lr_projector=stage.lr_projector, lr_vision=stage.lr_vision,
+        lr_lora=stage.lr_lora, weight_decay=0.0, adam_betas=(0.9, 0.95), min_lr_ratio=0.1,
+        warmup_fraction=stage.warmup_steps / stage.steps, max_grad_norm=1.0,
+        batch_size=stage.batch_size or recipe.batch_size, max_steps=stage.steps, group_by_length=8,
+        seed=recipe.seed, output_dir=str(output_dir), progress=progress, log_every=log_every)
 
 
 def compute_autocast(model: VisionLanguageModel) -> torch.autocast:
-    """bf16 autocast if make_qlora chose bf16 compute for this model (its embeddings say so), else a no-op."""
+    """bf16 autocast if the QLoRA set-up chose bf16 compute for this model (its embeddings say so), else a no-op."""
     dtype = model.decoder.embed_tokens.weight.dtype
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
@@ -198,70 +200,10 @@ def load_samples(split: str, subsets, per_subset: int) -> list[dict]:
     return samples
 
 
-def encode_samples(processor: VLMProcessor, samples: list[dict]) -> list[dict]:
-    """Tokenise and transform once, before training: the steps then only pad and stack.
-
-    Pixels are kept in float16 (exact enough for 8-bit images scaled to [-1, 1]): 9,000 samples then take
-    220 MB instead of 450 MB. `Batches` turns them back into float32.
-    """
-    encoded = []
-    for s in samples:
-        enc = processor.encode_conversation([{"user": s["question"], "assistant": s["answer"]}], [s["image"]])
-        enc["pixel_values"] = enc["pixel_values"].half()
-        encoded.append(enc)
-    return encoded
-
-
-def answer_loss(model: VisionLanguageModel, batch: dict) -> torch.Tensor:
-    """Mean next-token loss over the batch's answer tokens; the LM head (49152 x 576, a fifth of SmolLM2's
-    matmuls) runs only at those positions (`training.answer_loss_sum`). Equals `model(**batch).loss`."""
-    from .training import answer_loss_sum
-
-    total, count = answer_loss_sum(model, batch)
-    return total / max(count, 1)
-
-
-CAPTION_PROMPT = "Describe the image."
-ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
-
-
-def where(shape, image_size: int) -> str:
-    """A coarse position on a 3 x 3 grid: 'top left', 'top', ..., 'center', ..., 'bottom right'."""
-    row = ROWS[min(2, int(shape.cy * 3 / image_size))]
-    col = COLS[min(2, int(shape.cx * 3 / image_size))]
-    if row == "middle":
-        return col
-    return row if col == "center" else f"{row} {col}"
-
-
-def caption(shapes, image_size: int) -> str:
-    """'3 objects: red circle top left, blue square center, green triangle bottom right.' in reading order."""
-    ordered = sorted(shapes, key=lambda s: (min(2, int(s.cy * 3 / image_size)), s.cx))
-    parts = [f"{s.colour} {s.shape} {where(s, image_size)}" for s in ordered]
-    noun = "object" if len(shapes) == 1 else "objects"
-    return f"{len(shapes)} {noun}: " + ", ".join(parts) + "."
-
-
-def caption_samples(n: int, seed: int, image_size: int = 64) -> list[dict]:
-    """n fresh synthetic scenes (the mini-cauldron's drawing code) with a dense caption each.
-
-    Why captions: a mini-cauldron answer is one or two tokens, so most of a step's compute goes into the
-    prompt; a caption names every object's colour, shape and place, ~20 supervised tokens per image. That is
-    LLaVA's recipe too: align the projector on captions with the decoder frozen, then instruction-tune.
-    """
-    import numpy as np
-
-    from .data import synthetic
-    from .pretrain_vit import random_specs
-
-    rng = np.random.default_rng([seed, 7])  # a stream of its own: never the mini-cauldron's seeds
-    samples = []
-    for _ in range(n):
-        lo = rng.uniform(0.14, 0.24)
-        shapes = synthetic.place(rng, random_specs(rng), image_size, (lo, lo + 0.12), gap=2.0)
-        samples.append({"subset": "captions", "image": synthetic.render(rng, image_size, shapes),
-                        "question": CAPTION_PROMPT, "answer": caption(shapes, image_size)})
-    return samples
+def as_rows(samples: list[dict]) -> list[dict]:
+    """Samples back in the_cauldron's schema, one turn each: what the Trainer and the eval loop read."""
+    return [{"images": [s["image"]], "texts": [{"user": s["question"], "assistant": s["answer"]}],
+             "source": s["subset"]} for s in samples]
 
 
 def block_words(shapes, side: int = 3) -> list[str]:
@@ -294,45 +236,12 @@ def word_targets(processor: VLMProcessor, n: int, seed: int, progress: bool = Fa
     return {"pixel_values": torch.stack(pixels), "word_ids": torch.tensor(ids), "vocabulary": block_vocabulary(processor)}
 
 
-class WordBatches:
-    """Batches of (pixel_values, word_ids) for the "words" stage, in order: every scene is seen once."""
-
-    def __init__(self, data: dict[str, torch.Tensor], batch_size: int):
-        self.data, self.batch_size, self.start = data, batch_size, 0
-
-    def next(self) -> dict:
-        end = self.start + self.batch_size
-        if end > len(self.data["word_ids"]):
-            self.start, end = 0, self.batch_size
-        batch = {k: self.data[k][self.start:end] for k in ("pixel_values", "word_ids")}
-        self.start = end
-        return {"pixel_values": batch["pixel_values"].float(), "word_ids": batch["word_ids"],
-                "vocabulary": self.data.get("vocabulary")}
-
-
 def block_vocabulary(processor: VLMProcessor) -> torch.Tensor:
     """The ids of the words a block can be named with: the six colours, the four shapes, " no" and " object"."""
     from .data import synthetic
 
     words = [f" {w}" for w in (*synthetic.COLOURS, *synthetic.SHAPES, "no", "object")]
     return torch.tensor([processor.text_ids(w)[0] for w in words])
-
-
-def word_loss(model: VisionLanguageModel, batch: dict, vocabulary: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared distance of each image token to its word's embedding, relative to that embedding's squared norm;
-    with a vocabulary of candidate ids, plus a cross-entropy that makes the target word the *nearest* candidate
-    (the squared error alone is small for a token halfway between " circle" and " square")."""
-    tokens = model.projector.block_tokens(model.vision(batch["pixel_values"])).float()
-    with torch.no_grad():
-        targets = model.decoder.embed_tokens(batch["word_ids"]).float()
-    loss = (((tokens - targets) ** 2).sum(-1) / (targets**2).sum(-1)).mean()
-    if vocabulary is not None:
-        with torch.no_grad():
-            table = model.decoder.embed_tokens(vocabulary).float()
-        logits = -torch.cdist(tokens, table.expand(len(tokens), -1, -1)) ** 2
-        classes = (batch["word_ids"].unsqueeze(-1) == vocabulary).float().argmax(-1)
-        loss = loss + F.cross_entropy(logits.flatten(0, 1), classes.flatten())
-    return loss
 
 
 @torch.no_grad()
@@ -377,170 +286,57 @@ def word_accuracy(model: VisionLanguageModel, processor: VLMProcessor, data: dic
     return float((nearest == data["word_ids"]).float().mean())
 
 
-def collate(processor: VLMProcessor, encoded: list[dict], padding_side: str = "right") -> dict:
-    """Pad encoded samples into a training batch, pixels back to float32."""
-    batch = processor.pad(encoded, padding_side=padding_side)
-    batch["pixel_values"] = batch["pixel_values"].float()
-    return batch
-
-
-def training_batches(processor: VLMProcessor, encoded_qa: list[dict], recipe: DemoRecipe) -> dict[str, "Batches"]:
-    """The batch sources the stages ask for: the mini-cauldron's QA, and fresh captions (one pass) if needed."""
-    sources = {"qa": Batches(processor, encoded_qa, recipe.batch_size, recipe.seed)}
-    for stage in recipe.stages:
-        if stage.fit == "least_squares":
-            sources[stage.name] = word_targets(processor, stage.scenes, recipe.seed)
-    word_stages = [s for s in recipe.stages if s.data == "words" and s.fit == "gradient"]
-    if word_stages:
-        size = max(s.batch_size or recipe.batch_size for s in word_stages)
-        scenes = sum(s.steps for s in word_stages) * size
-        sources["words"] = WordBatches(word_targets(processor, scenes, recipe.seed), size)
-    caption_steps = sum(s.steps for s in recipe.stages if s.data == "captions")
-    if caption_steps:
-        captions = caption_samples(caption_steps * recipe.batch_size, recipe.seed)
-        sources["captions"] = Batches(processor, encode_samples(processor, captions), recipe.batch_size, recipe.seed)
-    return sources
-
-
-class Batches:
-    """Shuffled training batches, an epoch after another (deterministic for a seed).
-
-    Batches are bucketed by length: each pool of `pool` batches' worth of shuffled samples is sorted by length
-    before it is cut into batches, so a batch pads to a similar length (mc questions are ~70 tokens, the
-    others ~40). Right padding is pure waste for a CPU: this cuts a step's tokens by about a third.
-    """
-
-    def __init__(self, processor: VLMProcessor, encoded: list[dict], batch_size: int, seed: int, pool: int = 8):
-        if len(encoded) < batch_size:
-            raise ValueError(f"{len(encoded)} training samples cannot fill one batch of {batch_size}")
-        self.processor, self.encoded, self.batch_size, self.pool = processor, encoded, batch_size, pool
-        self.rng = random.Random(seed)
-        self.batches: list[list[int]] = []
-
-    def new_epoch(self) -> None:
-        order = list(range(len(self.encoded)))
-        self.rng.shuffle(order)
-        size = self.batch_size * self.pool
-        batches = []
-        for start in range(0, len(order) - self.batch_size + 1, size):
-            chunk = sorted(order[start:start + size], key=lambda i: len(self.encoded[i]["input_ids"]))
-            batches += [chunk[k:k + self.batch_size] for k in range(0, len(chunk) - self.batch_size + 1,
-                                                                     self.batch_size)]
-        self.rng.shuffle(batches)
-        self.batches = batches
-
-    def next(self) -> dict:
-        if not self.batches:
-            self.new_epoch()
-        return collate(self.processor, [self.encoded[i] for i in self.batches.pop()])
-
-
 # ----------------------------------------------------------------------------------------------
-# Training
+# Training: the projector in closed form, then vlm_course.training's Trainer for each gradient stage
 
 
-def lr_factor(step: int, stage: Stage) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < stage.warmup_steps:
-        return (step + 1) / stage.warmup_steps
-    progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+def train(model, processor: VLMProcessor, train_samples: list[dict], recipe: DemoRecipe, out: Path,
+          progress: bool = True, log_every: int = 0) -> list[dict]:
+    """Run the recipe's stages; returns one record per step (stage, step, loss, grad_norm, seconds).
 
-
-def make_optimizer(model: VisionLanguageModel, stage: Stage) -> torch.optim.Optimizer:
-    """One AdamW group per component, chosen by module (never by parameter name: 'proj' also matches q_proj)."""
-    groups = [("projector", list(model.projector.parameters()), stage.lr_projector),
-              ("vision", list(model.vision.parameters()), stage.lr_vision),
-              ("lora", lora_parameters(model), stage.lr_lora)]
-    param_groups = []
-    for name, params, lr in groups:
-        for p in params:
-            p.requires_grad_(lr > 0)
-        if lr > 0:
-            param_groups.append({"name": name, "params": params, "lr": lr, "base_lr": lr})
-    return torch.optim.AdamW(param_groups, betas=(0.9, 0.95), weight_decay=0.0)
-
-
-def train(model, batches: Batches | dict[str, Batches], recipe: DemoRecipe, progress: bool = True,
-          log_every: int = 0) -> list[dict]:
-    """Run the recipe's stages; returns one record per step (stage, step, loss, seconds).
-
-    `batches`: one source for every stage, or {stage.data: source} (e.g. {"captions": ..., "qa": ...}).
-
-    log_every > 0 also prints a plain line every that many steps (for logs, where a tqdm bar is unreadable).
+    A least-squares stage solves the projector from fresh scenes (`fit_projector_to_words`); a gradient stage is
+    one `vlm_course.training.Trainer` run on the mini-cauldron's questions, in out/train/<stage>/ (its
+    checkpoint and loss curve; cleared first, so a new demo never resumes an old one by accident).
     """
-    history, start = [], time.perf_counter()
-    model.train()
-    step = 0
-    bar = tqdm(total=recipe.total_steps, desc="training", disable=not progress)
+    from .training import Trainer
+
+    history, start, done = [], time.perf_counter(), 0
+    rows = as_rows(train_samples)
     for stage in recipe.stages:
         if stage.fit == "least_squares":
-            error = fit_projector_to_words(model, batches.pop(stage.name))  # then free the scenes (~0.5 GB)
-            history.append({"stage": stage.name, "step": step, "loss": error, "grad_norm": 0.0,
+            error = fit_projector_to_words(model, word_targets(processor, stage.scenes, recipe.seed))
+            history.append({"stage": stage.name, "step": done, "loss": error, "grad_norm": 0.0,
                             "seconds": time.perf_counter() - start})
             print(f"[{stage.name}] projector solved by least squares on {stage.scenes} scenes: relative squared "
                   f"error {error:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
             continue
-        optimizer = make_optimizer(model, stage)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        for i in range(stage.steps):
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(i, stage)
-            batch = (batches[stage.data] if isinstance(batches, dict) else batches).next()
-            if stage.data == "words":
-                loss = word_loss(model, batch, batch.get("vocabulary"))
-            else:
-                with compute_autocast(model):
-                    loss = answer_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            step += 1
-            record = {"stage": stage.name, "step": step, "loss": loss.item(), "grad_norm": float(grad_norm),
-                      "seconds": time.perf_counter() - start}
-            history.append(record)
-            bar.set_postfix(stage=stage.name, loss=f"{record['loss']:.3f}")
-            bar.update(1)
-            if log_every and (step % log_every == 0 or step == 1):
-                print(f"step {step:4d} [{stage.name}] loss {record['loss']:.3f} grad-norm {record['grad_norm']:.2f} "
-                      f"{record['seconds']:.0f} s", flush=True)
-    bar.close()
+        folder = out / "train" / stage.name
+        shutil.rmtree(folder, ignore_errors=True)
+        trainer = Trainer(model, processor, rows, train_config(recipe, stage, folder, progress, log_every))
+        trainer.fit()
+        for record in trainer.history["train"]:
+            history.append({"stage": stage.name, "step": done + record["step"], "loss": record["loss"],
+                            "grad_norm": record["grad_norm"], "seconds": record["seconds"]})
+        done += stage.steps
     model.eval()
     return history
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation
+# Evaluation: vlm_course.evaluation's loop and scores, with the right image and with another scene's
 
 
-def score(subset: str, prediction: str, answer: str) -> float:
-    """mc: the letter, as MMStar's scorer reads it; other subsets: exact match after VQA normalisation."""
-    if subset == "mc":
-        return mmstar_match(prediction, answer)
-    return float(normalize_answer(prediction) == normalize_answer(answer))
-
-
-@torch.no_grad()
 def evaluate(model, processor: VLMProcessor, samples: list[dict], batch_size: int, max_new_tokens: int,
              desc: str = "evaluating", progress: bool = True) -> tuple[dict[str, float], list[dict]]:
-    """Greedy answers for every sample; returns (accuracy per subset, per-sample records)."""
-    from .vlm import answer
+    """Greedy answers for every sample (`vlm_course.evaluation.evaluate`: exact match after VQA normalisation,
+    MMStar's letter rule for mc); returns (accuracy per subset, per-sample records)."""
+    from .evaluation import evaluate as evaluate_rows
 
-    model.eval()
-    records = []
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress):
-        chunk = samples[i:i + batch_size]
-        with compute_autocast(model):
-            predictions = answer(model, processor, [s["image"] for s in chunk], [s["question"] for s in chunk],
-                                 max_new_tokens=max_new_tokens)
-        for s, p in zip(chunk, predictions):
-            records.append({**s, "prediction": p, "correct": score(s["subset"], p, s["answer"])})
-    accuracy = {}
-    for subset in dict.fromkeys(s["subset"] for s in samples):
-        scores = [r["correct"] for r in records if r["subset"] == subset]
-        accuracy[subset] = sum(scores) / len(scores)
-    return accuracy, records
+    with compute_autocast(model):
+        result = evaluate_rows(model, processor, as_rows(samples), batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, progress=progress, desc=desc)
+    records = [{**s, "prediction": r.prediction, "correct": r.score} for s, r in zip(samples, result.records)]
+    return result.by_subset, records
 
 
 def count_label_of(question: str) -> str:
@@ -570,20 +366,6 @@ def tally_accuracy(model, processor: VLMProcessor, samples: list[dict], batch_si
         for s, row in zip(chunk, tallies.tolist()):
             right += row[counter.labels.index(count_label_of(s["question"]))] == int(s["answer"])
     return right / len(samples)
-
-
-def with_other_images(samples: list[dict]) -> list[dict]:
-    """The same questions, each with another scene's image: within a subset, question i gets the image of the next
-    sample that shows a different scene (the batch rolled by one; the two questions of a two-turn row share their
-    scene, so that one is skipped). An answer that was read from the picture should now fall to chance."""
-    out = []
-    for subset in dict.fromkeys(s["subset"] for s in samples):
-        group = [s for s in samples if s["subset"] == subset]
-        for i, s in enumerate(group):
-            others = (group[(i + k) % len(group)]["image"] for k in range(1, len(group)))
-            image = next((im for im in others if im is not s["image"]), s["image"])
-            out.append({**s, "image": image})
-    return out
 
 
 def summary_line(before: dict, after: dict, other: dict, train_minutes: float) -> str:
@@ -730,7 +512,9 @@ def build_model(profile: str, recipe: DemoRecipe) -> tuple[VisionLanguageModel, 
     processor = VLMProcessor.from_config(model.config, system_prompt=recipe.system_prompt)
     if model.projector.counter is not None:  # the counter's word tables: rows of the decoder's embeddings
         model.projector.counter.set_words(model.decoder.embed_tokens, lambda word: processor.text_ids(word)[0])
-    make_qlora(model, recipe)
+    from .training import apply_recipe
+
+    apply_recipe(model, train_config(recipe))  # QLoRA: 4-bit decoder blocks + LoRA adapters (the Trainer keeps them)
     return model, processor
 
 
@@ -745,7 +529,6 @@ def run_demo(profile: str = "smol", recipe: DemoRecipe | None = None, out: str |
     model, processor = build_model(profile, recipe)
     train_samples = load_samples("train", recipe.subsets, recipe.train_per_subset)
     test_samples = load_samples("test", recipe.subsets, recipe.eval_per_subset)
-    encoded = encode_samples(processor, train_samples)
     trainable = sum(p.numel() for p in model.vision.parameters()) + sum(p.numel() for p in model.projector.parameters())
     trainable += sum(p.numel() for p in lora_parameters(model))
     print(f"model ready in {time.perf_counter() - t0:.0f} s: {len(train_samples)} training samples, "
@@ -756,7 +539,7 @@ def run_demo(profile: str = "smol", recipe: DemoRecipe | None = None, out: str |
     print("before: " + "  ".join(f"{k} {v:.2f}" for k, v in before.items()))
 
     t_train = time.perf_counter()
-    history = train(model, training_batches(processor, encoded, recipe), recipe, progress, log_every)
+    history = train(model, processor, train_samples, recipe, out, progress, log_every)
     train_minutes = (time.perf_counter() - t_train) / 60
 
     tallies = tally_accuracy(model, processor, test_samples)

@@ -13,7 +13,7 @@ course matches the number a paper or leaderboard would report for the same predi
 The metrics are pure Python: no torch, no numpy. Running a model over questions comes after them:
 
     records.py   EvalRecord (one answered question) and EvalResult (tables, JSON)
-    loop.py      `evaluate`, `image_gain` (the same questions with blank images)
+    loop.py      `evaluate`, `image_gain` (the same questions with blank images), `with_other_images`
     gallery.py   `error_gallery`, `compare_before_after`
     cli.py       `python -m vlm_course eval ...`
 
@@ -33,6 +33,7 @@ from .loop import (
     blank_like,
     evaluate,
     image_gain,
+    with_other_images,
 )
 from .mmstar import (
     _LETTER_PREFIXES,
@@ -64,7 +65,7 @@ __all__ = [
     "blank_fill", "blank_like", "box_accuracy", "box_iou", "build_eval_parser", "compare_before_after",
     "error_gallery", "eval_main", "evaluate", "exact_answer_match", "extract_choice_letter", "image_gain",
     "levenshtein", "load_mmstar", "metric_for", "mmstar_category_scores", "mmstar_macro_average", "mmstar_match",
-    "mmstar_prompt", "normalize_answer", "parse_box", "score_answer", "vqa_accuracy",
+    "mmstar_prompt", "normalize_answer", "parse_box", "score_answer", "vqa_accuracy", "with_other_images",
     # the official tables and steps, read by lesson 06 and its graded exercises
     "_ARTICLES", "_CONTRACTIONS", "_LETTER_PREFIXES", "_NUMBER_WORDS", "_PUNCTUATION", "_process_digit_article",
     "_process_punctuation",

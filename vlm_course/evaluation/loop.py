@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .records import EvalRecord, EvalResult, _Question, _question_from_row, _record
+from .records import EvalRecord, EvalResult, _Question, _question_from_row, _record, _subset_of
 
 
 def blank_fill(processor) -> tuple[int, int, int]:
@@ -170,3 +170,36 @@ def image_gain(model, processor, rows: Iterable[dict[str, Any]], batch_size: int
     options = {"batch_size": batch_size, "max_new_tokens": max_new_tokens, "progress": progress}
     return ImageGain(evaluate(model, processor, rows, blank_image=False, **options),
                      evaluate(model, processor, rows, blank_image=True, **options))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Another scene's image: is the answer read from the picture?
+# ---------------------------------------------------------------------------------------------------------
+
+def with_other_images(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The same questions, each with another item's image: within a subset, item i gets the image of the next item
+    that shows a different picture (the batch rolled by one; the turns of one multi-turn row share their picture,
+    so those are skipped). An answer read from the picture should now fall to chance; a blank image (`image_gain`)
+    tests less, since a model can learn what to say when it sees nothing.
+
+    `items`: the_cauldron-style rows ({"images": [...], ...}) or the demo's samples ({"image": ..., "subset"}).
+    """
+    key = "images" if items and "images" in items[0] else "image"
+
+    def subset(item):
+        return item.get("subset") or _subset_of(item)
+
+    out = []
+    for name in dict.fromkeys(subset(item) for item in items):
+        group = [item for item in items if subset(item) == name]
+        for i, item in enumerate(group):
+            others = (group[(i + k) % len(group)][key] for k in range(1, len(group)))
+            picture = next((other for other in others if not _same_picture(other, item[key])), item[key])
+            out.append({**item, key: picture})
+    return out
+
+
+def _same_picture(a, b) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return a is b

@@ -222,7 +222,7 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, distributed: Di
 # Settings a resumed run may change freely: they do not alter what is computed. batch_size and
 # grad_accum_steps may change with the number of processes as long as the global batch stays the same
 # (DistContext.check_resume). max_steps is applied (the schedule is recomputed) and recorded.
-RESUME_FREE = ("output_dir", "progress", "eval_every", "save_every", "keep_checkpoints", "strategy", "batch_size",
+RESUME_FREE = ("output_dir", "progress", "log_every", "eval_every", "save_every", "keep_checkpoints", "strategy", "batch_size",
                "grad_accum_steps")
 RESUME_APPLIED = ("max_steps",)
 

@@ -43,9 +43,9 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
     groups = param_groups(model, cfg)
     try:  # the fused kernel is ~10x faster than the per-tensor loop on a CPU (torch >= 2.4); same maths
-        return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=True)
+        return torch.optim.AdamW(groups, betas=cfg.adam_betas, eps=1e-8, fused=True)
     except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        return torch.optim.AdamW(groups, betas=cfg.adam_betas, eps=1e-8)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

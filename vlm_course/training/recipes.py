@@ -39,6 +39,8 @@ def apply_recipe(model, cfg: TrainConfig) -> dict[str, int]:
         dtype = autocast_dtype(cfg.precision, device) or torch.float32
         # Only the blocks: embeddings and the (tied) lm_head stay in float.
         quantize_4bit(model.decoder.layers, compute_dtype=dtype, double_quant=cfg.double_quant)
+        if cfg.frozen_dtype == "compute":
+            store_frozen_in(model.decoder, dtype)
     if cfg.decoder in ("lora", "qlora") and not has_lora(model.decoder):
         add_lora(model.decoder, cfg.lora_targets, cfg)
     if cfg.decoder == "full":
@@ -49,6 +51,18 @@ def apply_recipe(model, cfg: TrainConfig) -> dict[str, int]:
         _unfreeze_lora(model.decoder)
     model.to(device)  # new adapter weights land on the model's device
     return trainable_counts(model)
+
+
+def store_frozen_in(decoder: nn.Module, dtype: torch.dtype) -> None:
+    """The decoder's frozen float weights outside the 4-bit layers -- embeddings (= the tied LM head) and RMSNorm
+    scales -- stored in `dtype`. `.to()` keeps each Parameter object, so the LM head stays tied; RoPE's frequency
+    table (a buffer of the rotary module) stays fp32."""
+    from ..decoder import RMSNorm
+
+    decoder.embed_tokens.to(dtype)
+    for module in decoder.modules():
+        if isinstance(module, RMSNorm):
+            module.to(dtype)
 
 
 def _unfreeze_lora(module: nn.Module) -> None:

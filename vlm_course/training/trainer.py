@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.batching import LengthGroupedRows
 from ..data.collate import VLMCollator
 from ..distributed import DistContext
 from ..processing import IGNORE_INDEX
@@ -69,12 +70,25 @@ class Trainer:
         self.loss_module = self.dist.wrap(model, answer_loss_sum)  # DDP/FSDP sync gradients inside backward()
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.sampler = self.dist.row_source(train_rows, cfg.seed)  # this process's rows
+        self.sampler = self.row_source(train_rows)
         self.step = 0
         self.history: dict[str, list] = {"train": [], "eval": []}
         self.output_dir = Path(cfg.output_dir)
         self.resumes: list[dict] = []  # each resume: at which step, from where, which settings changed
         self.owns_output = False  # True once this trainer resumed from or saved into output_dir
+
+    def row_source(self, rows):
+        """This process's rows in training order: seeded shuffles (sharded under torchrun), or batches of similar
+        length with cfg.group_by_length (one process; each row is encoded once here to know its length)."""
+        if not self.cfg.group_by_length:
+            return self.dist.row_source(rows, self.cfg.seed)
+        if self.dist.world_size > 1 or not hasattr(rows, "__getitem__"):
+            raise ValueError("group_by_length needs a list of rows on one process: drop it under torchrun or with "
+                             "streamed data")
+        lengths = [len(encoded["input_ids"]) if (encoded := self.collator.encode(row)) is not None else 0
+                   for row in rows]
+        self.collator.reset_counts()  # measuring is not training: the dropped/shortened counts start at zero
+        return LengthGroupedRows(rows, lengths, self.cfg.batch_size, self.cfg.seed, self.cfg.group_by_length)
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -204,6 +218,9 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{max(record['lr'].values()):.2e}",
                             tok_s=f"{record['tokens'] / record['seconds']:.0f}")
+            if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == 1) and self.dist.is_main:
+                print(f"step {self.step:4d} loss {record['loss']:.3f} grad-norm {record['grad_norm']:.2f} "
+                      f"{record['seconds']:.1f} s/step", flush=True)
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 metrics, last_eval = self.evaluate(), self.step
                 if metrics and self.dist.is_main:
