@@ -578,12 +578,14 @@ def demo_main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few steps on a few rows: checks the pipeline")
     parser.add_argument("--out", default="runs/demo", help="where figures, results.json and the checkpoint go")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument("--log-every", type=int, default=0, metavar="N",
+                        help="also print a plain line every N training steps (for log files)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     recipe = DemoRecipe()
     if args.quick:
         recipe = quick_recipe(recipe)
-    run_demo(args.profile, recipe, args.out, progress=not args.no_progress)
+    run_demo(args.profile, recipe, args.out, progress=not args.no_progress, log_every=args.log_every)
     return 0
 
 
