@@ -30,8 +30,8 @@ from vlm_course.grading.sync import (
 
 REPO = Path(__file__).resolve().parent.parent
 FIGURES_DIR = REPO / "docs" / "figures"
-# Lessons whose solution notebook has been re-run since its plots are kept: each of its plotting cells has a figure.
-LESSONS_WITH_FIGURE_OUTPUTS = ("05", "06", "07")
+# Lessons whose plotting cells all keep their figure in solutions/ (widgets, which need a live kernel, draw nothing).
+LESSONS_WITH_FIGURE_OUTPUTS = ("00", "01", "02", "03", "04", "05", "06", "07")
 PLOTTING_CELL = re.compile(r"^(?!#).*\b(viz\.(plot_|show_)\w+|error_gallery)\(", re.M)
 
 
@@ -105,6 +105,16 @@ def test_attachments_are_the_scripts_figures_byte_for_byte(folder):
                     f"{where}: {name} differs from docs/figures/{name}: run python docs/figures/make_figures.py --embed"
                 shown += 1
     assert shown, f"no figure shown in {folder}/"
+
+
+def test_every_lesson_shows_figures_and_every_figure_is_shown():
+    shown: dict[str, set[str]] = {}
+    for path in _notebooks("solutions"):
+        cells = nbformat.read(path, as_version=4).cells
+        shown[path.name[:2]] = {n for c in cells if c.cell_type == "markdown" for n in SCRIPT.ATTACHMENT.findall(c.source)}
+    assert sorted(shown) == [f"{n:02d}" for n in range(8)]
+    assert all(shown.values()), f"lessons without a figure: {[k for k, v in shown.items() if not v]}"
+    assert set().union(*shown.values()) == set(SCRIPT.FIGURES), "a figure no lesson shows"
 
 
 def test_check_mode_sees_a_stale_attachment(tmp_path, monkeypatch):
