@@ -257,7 +257,7 @@ def patchify_figure() -> Figure:
     arrow(ax, (x0 + side + 1.5, 27), (35.5, 27))
     label(ax, 32, 29.2, "patchify", size=9.5, weight="bold")
     # the sequence of patches
-    tile, gap, sx, sy = 3.3, 0.55, 36.0, 24.5
+    tile, gap, sx, sy = 3.1, 0.75, 36.0, 24.5
     row_colours = [RED, GREEN, BLUE, PROJ_DARK]
     for i in range(16):
         row, col = divmod(i, 4)
