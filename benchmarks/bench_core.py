@@ -1,4 +1,4 @@
-"""Model-core benchmarks (issue 2): ratios measured side by side in one run, never a pass/fail.
+"""Model-core benchmarks: ratios measured side by side in one run, never a pass/fail.
 
     python benchmarks/bench_core.py [--new-tokens 128] [--cache-tokens 256] [--repeats 3]
 

@@ -57,7 +57,8 @@ def chart() -> Image.Image:
     d.text((112, 14), "Image tokens", fill=(0, 0, 0), font=font(15), anchor="mm")
     d.line((30, 190, 210, 190), fill=(0, 0, 0), width=2)
     d.line((30, 190, 30, 36), fill=(0, 0, 0), width=2)
-    # image tokens per 1 image (tile) in the decoder; FACTS.md: nanoVLM 49, Idefics3 169, SmolVLM-2B 81, 256M 64
+    # image tokens per image (tile) in the decoder, (image size / patch size)^2 / r^2 from each model's config:
+    # nanoVLM (224/16)^2/2^2 = 49, Idefics3 (364/14)^2/2^2 = 169, SmolVLM-2B (384//14)^2/3^2 = 81, 256M (512/16)^2/4^2 = 64
     bars = [("49", 42, (230, 120, 40)), ("169", 145, (70, 110, 200)), ("81", 70, (60, 160, 90)), ("64", 55, (170, 70, 170))]
     for i, (label, height, colour) in enumerate(bars):
         x = 44 + i * 42
