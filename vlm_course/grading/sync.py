@@ -25,6 +25,12 @@ and the lesson gets, at the same indentation:
         # Hint: view as (B, C, H/p, p, W/p, p) and permute the grid axes to the front
         raise NotImplementedError("patchify is not implemented yet")
 
+The course's repository is one setting, `repository` (and `branch`) in pyproject.toml's [tool.vlm_course]
+table. Both commands write it where it is used: `clean` and the lesson generation into every notebook's
+Colab install cell (the `COURSE_REPO_URL = ...` line), the lesson generation into the README's "Open in
+Colab" badges. A fork sets its own URL there, then runs `sync clean` and `sync`; `--check` names every file
+that still holds another URL.
+
 Output is deterministic (same input, same bytes): cell ids are kept, JSON is written by nbformat with
 sorted keys, and nothing that depends on the machine or the time is kept.
 """
@@ -54,10 +60,85 @@ MAX_KEPT_PNG_BYTES = 60_000  # clean: a figure stays if its PNG, once reduced to
 PNG_COLOURS = 256  # the palette figures are reduced to (plots and diagrams need far fewer)
 _DEF = re.compile(r"^(\s*)(?:async\s+def|def|class)\s+(\w+)")
 _CELL_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# The Colab install cell's URL line, and the README's Colab links (one per lesson).
+_REPO_URL_LINE = re.compile(r'^(?P<indent>[ \t]*)COURSE_REPO_URL[ \t]*=[ \t]*"[^"\n]*"[^\n]*$', re.M)
+REPO_URL_COMMENT = "# the course's repository: [tool.vlm_course] in pyproject.toml"
+_COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/[^/\s)]+/[^/\s)]+/blob/[^/\s)]+/")
+_GITHUB_REPO = re.compile(r"^https://github\.com/(?P<owner>[A-Za-z0-9_.-]+)/(?P<name>[A-Za-z0-9_.-]+?)(?:\.git)?/?$")
 
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# The course's repository: one setting, written into the install cells and the README badges
+
+
+class CourseRepository:
+    """The published repository of the course, from pyproject.toml's [tool.vlm_course] table."""
+
+    def __init__(self, url: str, branch: str = "main"):
+        match = _GITHUB_REPO.match(url.strip())
+        if not match:
+            raise ValueError(f"[tool.vlm_course] repository must be a GitHub URL like "
+                             f"https://github.com/OWNER/NAME (Colab opens notebooks from GitHub), got {url!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_./-]+", branch):
+            raise ValueError(f"[tool.vlm_course] branch must be a branch name, got {branch!r}")
+        self.owner, self.name, self.branch = match["owner"], match["name"], branch
+
+    @property
+    def clone_url(self) -> str:
+        return f"https://github.com/{self.owner}/{self.name}.git"
+
+    @property
+    def colab_prefix(self) -> str:
+        """The start of every notebook's Colab link; the notebook's path in the repository follows."""
+        return f"https://colab.research.google.com/github/{self.owner}/{self.name}/blob/{self.branch}/"
+
+    def __repr__(self) -> str:
+        return f"CourseRepository({self.clone_url!r}, branch={self.branch!r})"
+
+
+def course_repository(pyproject: Path | None = None) -> CourseRepository:
+    """The repository set in pyproject.toml ([tool.vlm_course] repository and branch)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = pyproject or repo_root() / "pyproject.toml"
+    settings = tomllib.loads(path.read_text(encoding="utf-8")).get("tool", {}).get("vlm_course", {})
+    if "repository" not in settings:
+        raise KeyError(f"{path} has no [tool.vlm_course] repository = \"https://github.com/OWNER/NAME\"")
+    return CourseRepository(settings["repository"], settings.get("branch", "main"))
+
+
+def with_repository_url(source: str, repository: CourseRepository) -> str:
+    """A code cell's source with its `COURSE_REPO_URL = "..."` line (if any) pointing at `repository`."""
+    return _REPO_URL_LINE.sub(
+        lambda m: f'{m["indent"]}COURSE_REPO_URL = "{repository.clone_url}"  {REPO_URL_COMMENT}', source)
+
+
+def with_colab_links(text: str, repository: CourseRepository) -> str:
+    """Markdown (the README) with every Colab link opening the notebook from `repository`."""
+    return _COLAB_LINK.sub(repository.colab_prefix, text)
+
+
+def sync_readme(readme: Path, repository: CourseRepository, check: bool) -> int:
+    """Write (or, with check, compare) the README's Colab badges. Returns the exit status."""
+    if not readme.exists():
+        return 0
+    current = readme.read_text(encoding="utf-8")
+    text = with_colab_links(current, repository)
+    if text == current:
+        return 0
+    if check:
+        print(f"out of sync: {_rel(readme)} (its Colab links are not {repository.colab_prefix}...)", file=sys.stderr)
+        print("run: python -m vlm_course.grading.sync", file=sys.stderr)
+        return 1
+    readme.write_text(text, encoding="utf-8")
+    print(f"wrote the Colab links of {_rel(readme)}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,11 +183,13 @@ def enclosing_name(lines_above: list[str], indent: str) -> str:
 # Normalising notebooks
 
 
-def normalise(nb, keep_outputs: bool) -> nbformat.NotebookNode:
+def normalise(nb, keep_outputs: bool, repository: CourseRepository | None = None) -> nbformat.NotebookNode:
     """A copy with minimal metadata, stable cell ids, and either no outputs or small text outputs only.
 
     Execution counts are cleared, except on cells that keep outputs (see below): those get their ordinal.
+    The install cell's COURSE_REPO_URL is `repository`'s (default: the one set in pyproject.toml).
     """
+    repository = repository or course_repository()
     nb = copy.deepcopy(nb)
     nb.nbformat, nb.nbformat_minor = 4, 5
     nb.metadata = nbformat.from_dict({"kernelspec": KERNELSPEC, "language_info": {"name": "python"}})
@@ -121,6 +204,7 @@ def normalise(nb, keep_outputs: bool) -> nbformat.NotebookNode:
         seen.add(cell_id)
         if cell.cell_type == "code":
             code_cells += 1
+            cell.source = with_repository_url(cell.source, repository)
             cell.outputs = small_outputs(cell) if keep_outputs else []
             # nbval refuses stored outputs on a cell with no execution count ("unrun reference cell"), so a
             # cell that keeps outputs gets a stable count: its number among the code cells.
@@ -202,19 +286,19 @@ def dumps(nb) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def lesson_from_solution(solution_path: Path) -> str:
+def lesson_from_solution(solution_path: Path, repository: CourseRepository | None = None) -> str:
     """The lesson notebook's text for one solution notebook."""
     nb = nbformat.read(solution_path, as_version=4)
-    nb = normalise(nb, keep_outputs=False)
+    nb = normalise(nb, keep_outputs=False, repository=repository)
     for index, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
             cell.source = stub_source(cell.source, where=f"{solution_path.name} cell {index}")
     return dumps(nb)
 
 
-def clean_solution(solution_path: Path) -> str:
+def clean_solution(solution_path: Path, repository: CourseRepository | None = None) -> str:
     nb = nbformat.read(solution_path, as_version=4)
-    return dumps(normalise(nb, keep_outputs=True))
+    return dumps(normalise(nb, keep_outputs=True, repository=repository))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,13 +312,15 @@ def solution_notebooks(solutions: Path, names: list[str] | None = None) -> list[
     return paths
 
 
-def sync_lessons(solutions: Path, lessons: Path, check: bool, names: list[str] | None = None) -> int:
+def sync_lessons(solutions: Path, lessons: Path, check: bool, names: list[str] | None = None,
+                 repository: CourseRepository | None = None) -> int:
     """Write (or, with check, compare) lessons/ against solutions/. Returns the exit status."""
+    repository = repository or course_repository()
     stale = []
     paths = solution_notebooks(solutions, names)
     for solution in paths:
         target = lessons / solution.name
-        text = lesson_from_solution(solution)
+        text = lesson_from_solution(solution, repository)
         current = target.read_text(encoding="utf-8") if target.exists() else None
         if current == text:
             continue
@@ -258,10 +344,12 @@ def sync_lessons(solutions: Path, lessons: Path, check: bool, names: list[str] |
     return 0
 
 
-def clean_solutions(solutions: Path, check: bool, names: list[str] | None = None) -> int:
+def clean_solutions(solutions: Path, check: bool, names: list[str] | None = None,
+                    repository: CourseRepository | None = None) -> int:
+    repository = repository or course_repository()
     dirty = []
     for solution in solution_notebooks(solutions, names):
-        text = clean_solution(solution)
+        text = clean_solution(solution, repository)
         if solution.read_text(encoding="utf-8") == text:
             continue
         dirty.append(solution)
@@ -270,7 +358,8 @@ def clean_solutions(solutions: Path, check: bool, names: list[str] | None = None
             print(f"cleaned {_rel(solution)}")
     if check and dirty:
         for path in dirty:
-            print(f"not clean: {_rel(path)} (execution counts, metadata, large outputs or unreduced figures)",
+            print(f"not clean: {_rel(path)} (execution counts, metadata, large outputs, unreduced figures or "
+                  f"a COURSE_REPO_URL other than {repository.clone_url})",
                   file=sys.stderr)
         print("run: python -m vlm_course.grading.sync clean", file=sys.stderr)
         return 1
@@ -308,16 +397,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--execute", action="store_true", help="clean: re-run the solutions first (profile tiny)")
     parser.add_argument("--solutions", type=Path, default=repo_root() / "solutions")
     parser.add_argument("--lessons", type=Path, default=repo_root() / "lessons")
+    parser.add_argument("--readme", type=Path, default=repo_root() / "README.md",
+                        help="the file whose Colab badges are written (lesson generation only)")
+    parser.add_argument("--pyproject", type=Path, default=repo_root() / "pyproject.toml",
+                        help="where [tool.vlm_course] sets the course's repository")
     args = parser.parse_intermixed_args(argv)
+    repository = course_repository(args.pyproject)
     mode = args.words.pop(0) if args.words and args.words[0] in ("clean", "lessons") else "lessons"
     args.names = args.words
     if mode == "clean":
         if args.execute:
             execute_solutions(args.solutions, args.names)
-        return clean_solutions(args.solutions, args.check, args.names)
+        return clean_solutions(args.solutions, args.check, args.names, repository)
     if args.execute:
         parser.error("--execute goes with the clean mode")
-    return sync_lessons(args.solutions, args.lessons, args.check, args.names)
+    status = sync_lessons(args.solutions, args.lessons, args.check, args.names, repository)
+    return max(status, sync_readme(args.readme, repository, args.check))
 
 
 if __name__ == "__main__":
