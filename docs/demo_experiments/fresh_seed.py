@@ -2,7 +2,8 @@
 
     .venv/bin/python docs/demo_experiments/fresh_seed.py CHECKPOINT SEED [N_PER_SUBSET]
 
-Prints accuracy per subset with the right image and with another scene's image, and chance.
+Prints accuracy per subset with the right image and with another scene's image, chance, and how often the
+image side's own tally answers the count questions (None for a checkpoint without count tokens).
 """
 import json
 import sys
@@ -23,4 +24,5 @@ for subset in demo.EVAL_SUBSETS:
 right, _ = demo.evaluate(model, processor, samples, 50, 4, progress=False)
 other, _ = demo.evaluate(model, processor, demo.with_other_images(samples), 50, 4, progress=False)
 print(json.dumps({"seed": seed, "rows_per_subset": n, "right_image": right, "other_image": other,
-                  "chance": demo.CHANCE}, indent=1))
+                  "chance": demo.CHANCE, "count_tally_accuracy": demo.tally_accuracy(model, processor, samples)},
+                 indent=1))
