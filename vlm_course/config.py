@@ -108,7 +108,7 @@ class DecoderConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
 
-IMAGE_LAYOUTS = ("plain", "grid")
+IMAGE_LAYOUTS = ("plain", "grid", "idefics3")
 
 
 @dataclass
@@ -123,6 +123,10 @@ class VLMConfig:
     # How the processor lays out one image's tokens. "plain": one run of <image> tokens (nanoVLM). "grid": each
     # block's place in words before its tokens ("top left <image><image> top <image><image> ..."), as Idefics3
     # writes <row_1_col_1> before each tile, so the decoder reads *where* a block is instead of inferring it.
+    # "idefics3": Idefics3's / SmolVLM's layout for one unsplit image,
+    # "<fake_token_around_image><global-img>" <image> x N "<fake_token_around_image>": what transformers'
+    # Idefics3Processor writes, so a model trained with it answers the same in transformers
+    # (`VisionLanguageModel.save_idefics3`).
     image_layout: str = "plain"
 
     def __post_init__(self):
@@ -141,6 +145,10 @@ class VLMConfig:
             )
         if self.image_layout not in IMAGE_LAYOUTS:
             raise ValueError(f"image_layout must be one of {IMAGE_LAYOUTS}, got {self.image_layout!r}")
+        if self.image_layout == "idefics3" and (self.projector.tokens_per_block != 1 or self.projector.count_labels):
+            raise ValueError("image_layout='idefics3' has one <image> token per pixel-shuffled block and no count "
+                             f"tokens: set projector.tokens_per_block=1 (got {self.projector.tokens_per_block}) and "
+                             f"projector.count_labels=() (got {self.projector.count_labels!r})")
 
     @property
     def block_grid_size(self) -> int:

@@ -27,6 +27,12 @@ from .config import VisionConfig, VLMConfig
 
 IGNORE_INDEX = -100  # cross-entropy skips these label positions
 IMAGE_TOKEN = "<image>"
+# Idefics3's wrappers (image_layout="idefics3"): one unsplit image is
+# <fake_token_around_image><global-img><image>...<image><fake_token_around_image>. transformers' Idefics3Processor
+# adds these three special tokens to its tokenizer, in this order; <global-img> stays whatever the tokenizer makes of
+# the text (one token in SmolVLM's tokenizer, a few BPE pieces in SmolLM2's).
+FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TAG, END_OF_UTTERANCE = "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"
+IDEFICS3_SPECIAL_TOKENS = (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
@@ -165,6 +171,9 @@ class VLMProcessor:
         self.tokenizer = tokenizer
         self.config = config
         self.system_prompt = system_prompt
+        if config.image_layout == "idefics3" and any(t not in tokenizer.get_vocab() for t in IDEFICS3_SPECIAL_TOKENS):
+            # As Idefics3Processor does, so the ids agree with the tokenizer transformers loads.
+            tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_SPECIAL_TOKENS)})
         self.image_transform = ImageTransform(config.vision)
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
@@ -192,8 +201,12 @@ class VLMProcessor:
     def image_block_ids(self) -> list[int]:
         """The ids one image becomes: `tokens_per_image` <image> ids, with each block's place in words before its
         tokens when config.image_layout is "grid" (" top left" <image> <image> " top" <image> <image> ...), then each
-        count label with its count token, if the projector has count labels."""
+        count label with its count token, if the projector has count labels. "idefics3": Idefics3's wrappers around
+        the run of <image> ids (<fake_token_around_image><global-img> ... <fake_token_around_image>)."""
         per_block = self.config.projector.tokens_per_block
+        if self.config.image_layout == "idefics3":
+            return (self.text_ids(FAKE_IMAGE_TOKEN + GLOBAL_IMAGE_TAG) + [self.image_token_id] * self.tokens_per_image
+                    + self.text_ids(FAKE_IMAGE_TOKEN))
         if self.config.image_layout == "plain":
             ids = [self.image_token_id] * (self.config.block_grid_size**2 * per_block)
         else:

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import weight_files
 from .config import DecoderConfig, Profile, ProjectorConfig, VisionConfig, VLMConfig, get_profile
 from .decoder import LLAMA_PREFIXES, Decoder, decoder_config_from_hf, llama_name_map
-from .processing import IGNORE_INDEX
+from .processing import IGNORE_INDEX, VLMProcessor
 from .projector import ModalityProjector
 from .vision import SIGLIP_PREFIXES, VisionEncoder, siglip_name_map, vision_config_from_hf
 
@@ -89,7 +89,14 @@ class VisionLanguageModel(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         is_image = input_ids == self.image_token_id
         # The <image> id may lie outside the embedding table: look up a harmless id there instead.
-        token_embeds = self.decoder.embed_tokens(input_ids.masked_fill(is_image, 0))
+        ids = input_ids.masked_fill(is_image, 0)
+        rows = self.decoder.embed_tokens.num_embeddings
+        if ids.numel() and int(ids.max()) >= rows:
+            raise ValueError(
+                f"token id {int(ids.max())} is outside the decoder's embedding table ({rows} rows): the tokenizer has "
+                "tokens the decoder cannot read (image_layout='idefics3' adds <fake_token_around_image>); grow the "
+                "table with model.resize_vocabulary(len(processor.tokenizer)) before training")
+        token_embeds = self.decoder.embed_tokens(ids)
         if pixel_values is None or pixel_values.shape[0] == 0:
             if is_image.any():
                 raise ValueError(f"the text has {int(is_image.sum())} image tokens but no images were given")
@@ -130,23 +137,58 @@ class VisionLanguageModel(nn.Module):
             model.decoder = decoder
         return model
 
+    def resize_vocabulary(self, num_tokens: int) -> "VisionLanguageModel":
+        """Grow the decoder's embedding table (and an untied LM head) to `num_tokens` rows, for tokens a tokenizer
+        added (image_layout="idefics3" adds <fake_token_around_image> and <end_of_utterance>). The new rows start as
+        the mean of the old ones, as transformers' resize_token_embeddings does, and are trained with the rest."""
+        decoder = self.decoder
+        old = decoder.embed_tokens.weight
+        if num_tokens < old.shape[0]:
+            raise ValueError(f"resize_vocabulary only grows the table: it has {old.shape[0]} rows, asked for {num_tokens}")
+        if num_tokens == old.shape[0]:
+            return self
+        tied = self.config.decoder.tie_word_embeddings
+        with torch.no_grad():
+            extra = old.mean(0, keepdim=True).expand(num_tokens - old.shape[0], -1)
+            embed = nn.Embedding(num_tokens, old.shape[1], device=old.device, dtype=old.dtype)
+            embed.weight.copy_(torch.cat([old, extra]))
+            head = nn.Linear(old.shape[1], num_tokens, bias=False, device=old.device, dtype=old.dtype)
+            if tied:
+                head.weight = embed.weight
+            else:
+                w = decoder.lm_head.weight
+                head.weight.copy_(torch.cat([w, w.mean(0, keepdim=True).expand(num_tokens - w.shape[0], -1)]))
+        embed.weight.requires_grad_(old.requires_grad)
+        decoder.embed_tokens, decoder.lm_head = embed, head
+        self.config.decoder.vocab_size = decoder.cfg.vocab_size = num_tokens
+        return self
+
     @classmethod
     def from_idefics3(cls, path) -> "VisionLanguageModel":
         """Load a SmolVLM / Idefics3 checkpoint (one image tile, no splitting) through our name maps.
 
         The three parts map one to one: the SigLIP tower, the connector (Idefics3's pixel shuffle + one bias-free
-        linear: our `ModalityProjector` with kind="linear"), and the Llama text model.
+        linear: our `ModalityProjector` with kind="linear"), and the Llama text model. The prompt layout is
+        Idefics3's (image_layout="idefics3"); the pixel normalisation comes from preprocessor_config.json.
+        `save_idefics3` writes the same names (`idefics3_name_map`).
         """
         folder = weight_files.resolve(path)
         hf = weight_files.read_config(folder)
         if hf.get("model_type") not in ("idefics3", "smolvlm"):
             raise ValueError(f"{folder} is a {hf.get('model_type')!r} checkpoint, not Idefics3/SmolVLM")
+        vision = vision_config_from_hf(hf)
+        preprocessor = folder / "preprocessor_config.json"
+        if preprocessor.exists():  # the normalisation constants travel with the checkpoint
+            pre = json.loads(preprocessor.read_text())
+            vision.image_mean = tuple(pre.get("image_mean", vision.image_mean))
+            vision.image_std = tuple(pre.get("image_std", vision.image_std))
         config = VLMConfig(
-            vision=vision_config_from_hf(hf),
+            vision=vision,
             projector=ProjectorConfig(shuffle_factor=hf.get("scale_factor", 2), kind="linear", bias=False),
             decoder=decoder_config_from_hf(hf),
             image_token_id=hf.get("image_token_id"),
             tokenizer=str(folder),
+            image_layout="idefics3",
         )
         model = cls(config)
         parts = {  # our prefix: (name map, the checkpoint prefixes it may sit under)
@@ -165,6 +207,132 @@ class VisionLanguageModel(nn.Module):
         return model.eval()
 
     # -- saving -------------------------------------------------------------------------------
+
+    def idefics3_problems(self, processor: VLMProcessor | None = None) -> list[str]:
+        """What in this model Idefics3 (transformers' Idefics3ForConditionalGeneration) cannot express, each with
+        what to do; empty when `save_idefics3` can write it."""
+        cfg, problems = self.config, []
+        if cfg.projector.tokens_per_block != 1:
+            problems.append(f"{cfg.projector.tokens_per_block} tokens per pixel-shuffled block (projector."
+                            "tokens_per_block): Idefics3's connector writes one token per block; train with "
+                            "tokens_per_block=1")
+        if cfg.projector.count_labels:
+            problems.append(f"count tokens after the blocks (projector.count_labels, {len(cfg.projector.count_labels)} "
+                            "labels): Idefics3 has no counter; train with count_labels=()")
+        if cfg.projector.kind != "linear":
+            problems.append(f"a {cfg.projector.kind!r} projector: Idefics3's connector is one linear layer; train with "
+                            "kind='linear'")
+        if cfg.projector.bias:
+            problems.append("a projector bias: Idefics3's connector linear has none; train with "
+                            "ProjectorConfig(bias=False)")
+        if cfg.image_layout != "idefics3":
+            what = {"grid": "block-place words in the prompt (image_layout='grid')",
+                    "plain": "a bare run of <image> tokens (image_layout='plain')"}.get(cfg.image_layout,
+                                                                                        repr(cfg.image_layout))
+            problems.append(f"{what}: transformers' Idefics3Processor wraps each image as <fake_token_around_image>"
+                            "<global-img><image>...<fake_token_around_image>, so the model would read prompts it was "
+                            "not trained on; train with image_layout='idefics3'")
+        mapped = set(idefics3_name_map(cfg))
+        lora = [k for k in self.state_dict() if "lora_" in k]
+        other = [k for k in self.state_dict() if k not in mapped and "lora_" not in k
+                 and not (k == "decoder.lm_head.weight" and cfg.decoder.tie_word_embeddings)]
+        if lora:
+            problems.append(f"LoRA adapters ({len(lora)} tensors, e.g. {lora[0]}): merge them into the weights first "
+                            "(vlm_course.deploy.merge_lora_adapters(model))")
+        if other:
+            problems.append(f"tensors Idefics3 has no place for ({len(other)}, e.g. {other[0]}; 4-bit layers?): "
+                            "dequantise and merge first (vlm_course.deploy.merge_lora_adapters(model))")
+        if processor is not None and len(processor.tokenizer) > cfg.decoder.vocab_size:
+            problems.append(f"the tokenizer has {len(processor.tokenizer)} tokens but the decoder's table "
+                            f"{cfg.decoder.vocab_size} rows: transformers embeds every id, so grow the table with "
+                            "model.resize_vocabulary(len(processor.tokenizer)) (and train with it)")
+        return problems
+
+    def save_idefics3(self, folder, processor: VLMProcessor | None = None) -> Path:
+        """Write a transformers Idefics3 (SmolVLM-architecture) checkpoint: the reverse of `from_idefics3`.
+
+        The folder holds config.json, generation_config.json, model.safetensors with transformers' names
+        (`idefics3_name_map`), the tokenizer, and the processor (processor_config.json, preprocessor_config.json,
+        chat_template.jinja), so `Idefics3ForConditionalGeneration.from_pretrained(folder)` and
+        `AutoProcessor.from_pretrained(folder)` load it with no remote code, and the processor's chat template
+        writes the course's ChatML prompt with the processor's system prompt.
+
+        The prompt layout. Idefics3 puts an unsplit image in the text as <fake_token_around_image><global-img>
+        <image> x N <fake_token_around_image>; the course's default layouts ("plain", "grid") do not. We do not map
+        one onto the other: the wrappers are extra positions (they shift every later position's RoPE angle and are
+        attended to), so no choice of weights makes a model trained without them answer the same with them.
+        Instead the course's processor builds Idefics3's layout itself (VLMConfig.image_layout="idefics3", which
+        `from_idefics3` also sets); a model is trained and evaluated with that layout, and its prompts are then
+        the same ids transformers' processor builds. The image processor is set to one tile (no splitting, so no
+        <row_i_col_j> tokens) at the encoder's size, bicubic, with the course's normalisation: square pictures of
+        any size give our pixel values exactly; a non-square one is resized twice there (longest edge, then
+        squashed to a square) and once here, so its pixels differ slightly (~0.006 on average on the [-1, 1]
+        scale). Models in another layout are refused, as are features
+        Idefics3 cannot express (two tokens per block, count tokens, a projector bias or MLP, unmerged LoRA or
+        4-bit layers): `idefics3_problems` names each and what to do.
+
+        processor: the course processor whose tokenizer and system prompt go with the model (default: one built
+        from the model's config). Its tokenizer must fit the decoder's table (`resize_vocabulary`).
+        """
+        from transformers import GenerationConfig, Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
+
+        processor = processor or VLMProcessor.from_config(self.config)
+        problems = self.idefics3_problems(processor)
+        if problems:
+            raise ValueError("this model cannot be saved as Idefics3, which cannot express: "
+                             + "; ".join(f"({i + 1}) {p}" for i, p in enumerate(problems)))
+        cfg, tokenizer = self.config, processor.tokenizer
+        vision, dec = cfg.vision, cfg.decoder
+        eos = processor.eos_token_id
+        hf_config = Idefics3Config(
+            vision_config=dict(hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+                               num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_heads,
+                               num_channels=vision.num_channels, image_size=vision.image_size,
+                               patch_size=vision.patch_size, hidden_act="gelu_pytorch_tanh",
+                               layer_norm_eps=vision.layer_norm_eps),
+            text_config=dict(model_type="llama", vocab_size=dec.vocab_size, hidden_size=dec.hidden_size,
+                             intermediate_size=dec.intermediate_size, num_hidden_layers=dec.num_layers,
+                             num_attention_heads=dec.num_heads, num_key_value_heads=dec.num_kv_heads,
+                             head_dim=dec.head_dim, rms_norm_eps=dec.rms_norm_eps,
+                             max_position_embeddings=dec.max_position_embeddings,
+                             rope_parameters={"rope_type": "default", "rope_theta": dec.rope_theta},
+                             hidden_act="silu", attention_bias=False, mlp_bias=False,
+                             tie_word_embeddings=dec.tie_word_embeddings, bos_token_id=dec.bos_token_id,
+                             eos_token_id=eos, pad_token_id=processor.pad_token_id),
+            scale_factor=cfg.projector.shuffle_factor, image_token_id=processor.image_token_id,
+            tie_word_embeddings=dec.tie_word_embeddings, pad_token_id=processor.pad_token_id,
+            architectures=["Idefics3ForConditionalGeneration"],
+        )
+        names = idefics3_name_map(cfg)
+        state = self.state_dict()
+        tensors = {names[k]: state[k].detach().to(torch.float32).contiguous().clone() for k in names}
+        image_processor = Idefics3ImageProcessor(
+            do_convert_rgb=True, do_resize=True, size={"longest_edge": vision.image_size},
+            max_image_size={"longest_edge": vision.image_size}, do_image_splitting=False, resample=3,  # bicubic
+            do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(vision.image_mean),
+            image_std=list(vision.image_std), do_pad=True)
+        hf_processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=cfg.image_tokens_per_image,
+                                         chat_template=chatml_template(processor.system_prompt))
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-idefics3-"))
+        try:
+            hf_config.save_pretrained(tmp)
+            GenerationConfig(bos_token_id=dec.bos_token_id, eos_token_id=eos, pad_token_id=processor.pad_token_id
+                             ).save_pretrained(tmp)
+            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            hf_processor.save_pretrained(tmp)
+            if folder.exists():  # replace an earlier save, never a folder holding anything else
+                written = {p.name for p in tmp.iterdir()}
+                others = sorted(p.name for p in folder.iterdir() if p.name not in written) if folder.is_dir() else [""]
+                if others:
+                    raise FileExistsError(f"{folder} exists and holds other things ({others[:3]}): save_idefics3 "
+                                          "replaces only an earlier Idefics3 save; pick a new or empty folder")
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
 
     def save_pretrained(self, folder, trainable_only: bool = False) -> Path:
         """Write config.json + model.safetensors atomically: a temporary folder renamed into place.
@@ -225,6 +393,42 @@ class VisionLanguageModel(nn.Module):
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+
+def idefics3_name_map(config: VLMConfig) -> dict[str, str]:
+    """Our state-dict name -> transformers' Idefics3ForConditionalGeneration name, for every tensor save_idefics3
+    writes (from_idefics3 reads the same names). Inside each part the names are the part's own map; the model
+    adds where each part sits, as nanoVLM's conversion to Idefics3 spells it out:
+
+        vision.<siglip name>            -> model.vision_model.<siglip name>
+        projector.proj.weight           -> model.connector.modality_projection.proj.weight
+        decoder.<llama name>            -> model.text_model.<llama name>
+        decoder.lm_head.weight          -> lm_head.weight          (untied heads only: a tied head is the embeddings)
+    """
+    names = {f"vision.{ours}": f"model.vision_model.{theirs}"
+             for ours, theirs in siglip_name_map(config.vision.num_layers).items()}
+    names["projector.proj.weight"] = "model.connector.modality_projection.proj.weight"
+    names.update({f"decoder.{ours}": f"model.text_model.{theirs}"
+                  for ours, theirs in llama_name_map(config.decoder.num_layers).items()})
+    if not config.decoder.tie_word_embeddings:
+        names["decoder.lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+def chatml_template(system_prompt: str | None) -> str:
+    """The course's ChatML prompt as a transformers chat template (for the saved processor): the system turn
+    (the processor's prompt unless the messages bring their own), each turn as <|im_start|>role\\n...<|im_end|>\\n,
+    an image part written as <image> (the processor expands it), and <|im_start|>assistant\\n to generate."""
+    system = "" if system_prompt is None else (
+        "{%- if messages[0]['role'] != 'system' -%}"
+        "{{ '<|im_start|>system\\n' + " + json.dumps(system_prompt) + " + '<|im_end|>\\n' }}{%- endif -%}")
+    return (system
+            + "{%- for message in messages -%}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+            "{%- if message['content'] is string -%}{{ message['content'] }}{%- else -%}"
+            "{%- for part in message['content'] -%}{%- if part['type'] == 'image' -%}{{ '<image>' }}"
+            "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+            "{{ '<|im_end|>\\n' }}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
 
 
 def _type_ok(value, annotation: str) -> bool:
