@@ -6,7 +6,8 @@
     -> Decoder -> logits (B, T, V); loss on the answer tokens only
 
 The decoder's vocabulary stays as pretrained: the <image> id (appended by the tokenizer) is never looked
-up in the embedding table (its positions are overwritten), and the LM head never predicts it.
+up in the embedding table (its positions are overwritten), and the LM head never predicts it. Only Idefics3's
+layout (image_layout="idefics3") needs rows for new tokens, its wrappers: `resize_vocabulary` adds them.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ class VisionLanguageModel(nn.Module):
     def resize_vocabulary(self, num_tokens: int) -> "VisionLanguageModel":
         """Grow the decoder's embedding table (and an untied LM head) to `num_tokens` rows, for tokens a tokenizer
         added (image_layout="idefics3" adds <fake_token_around_image> and <end_of_utterance>). The new rows start as
-        the mean of the old ones, as transformers' resize_token_embeddings does, and are trained with the rest."""
+        the mean of the old ones, as transformers' resize_token_embeddings does, and train with the table (if it
+        trains: a frozen table keeps them as they are, the same in our model and in an Idefics3 save)."""
         decoder = self.decoder
         old = decoder.embed_tokens.weight
         if num_tokens < old.shape[0]:
