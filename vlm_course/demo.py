@@ -8,10 +8,15 @@ What it does, with no network:
   1. builds the `smol` VLM with the demo's image side: the course ViT pretrained per block (assets/vit_demo, 72 px)
      + pixel shuffle into 3 x 3 blocks, two tokens each, each block's place written in words before its tokens
      + the real SmolLM2-135M-Instruct (from the offline GGUF; converted once, ~25 s);
-  2. QLoRA: the decoder's linear layers become 4-bit NF4 (bitsandbytes) and get LoRA adapters (peft);
-  3. measures the untrained model on the held-out mini-cauldron (shapes, count, position, spatial, mc);
+     + count tokens after the blocks: the image side's tally of each shape, colour and all objects, written as a
+     digit's embedding after its label (`vlm_course.counting`);
+  2. QLoRA with `vlm_course.training`'s set-up: the decoder's linear layers become 4-bit NF4 (bitsandbytes) and
+     get LoRA adapters (peft);
+  3. measures the untrained model on the held-out mini-cauldron (shapes, count, position, spatial, mc) with
+     `vlm_course.evaluation`'s loop;
   4. trains in two stages (see `DemoRecipe`): the projector solved by least squares onto the decoder's word
-     embeddings, then QLoRA on the questions, with a tqdm bar and a loss curve;
+     embeddings, then QLoRA on the questions with `vlm_course.training`'s Trainer (the course's one training loop),
+     with a tqdm bar and a loss curve;
   5. measures again, with the right image and with another scene's, prints sample answers, saves figures and the
      checkpoint under runs/demo/ (never assets/), and ends with one line of figures.
 
@@ -154,8 +159,6 @@ def train_config(recipe: DemoRecipe, stage: Stage | None = None, output_dir: str
     weight decay (a 200-step run), warmup then cosine to 10% of the peak, gradients clipped at 1, batches of
     similar length (`group_by_length`: a third fewer padded tokens per step).
     """
-    from .training import TrainConfig
-
     stage = stage or next((s for s in recipe.stages if s.fit == "gradient"), Stage("setup", 1, 0.0, 0.0, 0.0, 0))
     return TrainConfig(
         vision="full" if stage.lr_vision > 0 else "frozen", projector="full" if stage.lr_projector > 0 else "frozen",
