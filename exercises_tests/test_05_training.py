@@ -21,10 +21,10 @@ def test_training(notebook, exercise):
     assert_exercise_passes(notebook, exercise)
 
 
-@explained("collate_batch")
+@explained("make_labels", "collate_batch")
 def test_training_collate_matches_the_processor_on_real_rows(notebook):
-    """Your collate_batch on real mini-cauldron conversations (one- and two-turn, several subsets) gives exactly
-    the processor's padded input_ids, attention_mask and answer-only labels."""
+    """Your collate_batch (on your make_labels) on real mini-cauldron conversations (one- and two-turn, several
+    subsets) gives exactly the processor's padded input_ids, attention_mask and answer-only labels."""
     from vlm_course.config import get_profile
     from vlm_course.data.cauldron import load_mini_cauldron
     from vlm_course.processing import VLMProcessor

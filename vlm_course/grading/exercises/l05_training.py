@@ -125,7 +125,8 @@ def _sequences(*conversations, system=False):
 
 register(Exercise(
     name="collate_batch", lesson=LESSON, reference=collate_batch, call=run_collate,
-    description="right-padded batch with labels only on the answers (+ their <|im_end|>)",
+    description="right-padded batch, labelled by lesson 04's make_labels (answers + their <|im_end|>)",
+    uses=("make_labels",),
     cases=[
         Case("3 single-turn samples of different lengths, pad id 0",
              lambda: (_sequences([([11, 12, 13], [21, 22])], [([14], [23, 24, 25, 26])], [([15, 16], [27])]),
