@@ -38,9 +38,10 @@ def course_model(tied: bool, seed: int = 0):
     torch.manual_seed(seed)
     model = VisionLanguageModel(config)
     processor = VLMProcessor.from_config(model.config)
+    rows = config.decoder.vocab_size
     model.resize_vocabulary(len(processor.tokenizer))
     with torch.no_grad():  # the grown rows are means; make them distinct so a misplaced row would show
-        model.decoder.embed_tokens.weight[-3:].normal_(0, 0.02)
+        model.decoder.embed_tokens.weight[rows:].normal_(0, 0.02)
         if not tied:
             model.decoder.lm_head.weight.normal_(0, 0.02)  # an untied head that differs from the embeddings
     return model.eval(), processor
@@ -130,18 +131,20 @@ def test_round_trip_gives_the_same_model(tmp_path, tied):
                        processor([image], [QUESTION])["input_ids"])
 
 
-def test_layout_ids_match_transformers_for_smolvlm_style_tokenizer(tmp_path):
-    """With a tokenizer that holds <global-img> as one token (as SmolVLM's does), the course layout still equals
-    transformers' ids: the layout is built from the same strings, tokenised by the model's own tokenizer."""
+def test_idefics3_markers_are_single_tokens(tmp_path):
+    """Each marker of the layout is one token of the saved tokenizer, as in SmolVLM's (llama.cpp's multimodal tool
+    looks <fake_token_around_image> and <global-img> up as single tokens), and the prompt holds each where
+    Idefics3 puts it."""
     model, processor = course_model(tied=True)
-    processor.tokenizer.add_special_tokens({"additional_special_tokens": ["<global-img>"]})
-    processor = VLMProcessor(processor.tokenizer, model.config)
-    model.resize_vocabulary(len(processor.tokenizer))
-    model.save_idefics3(tmp_path / "idefics3", processor)
-    _, hf_processor = transformers_side(tmp_path / "idefics3")
-    ours = processor([picture(64)], [QUESTION])["input_ids"]
-    assert hf_processor.tokenizer.convert_tokens_to_ids("<global-img>") in ours[0].tolist()
-    assert transformers_inputs(hf_processor, picture(64))["input_ids"].tolist() == ours.tolist()
+    _, hf_processor = transformers_side(model.save_idefics3(tmp_path / "idefics3", processor))
+    ids = transformers_inputs(hf_processor, picture(64))["input_ids"][0].tolist()
+    fake, image, global_img = hf_processor.tokenizer.convert_tokens_to_ids(
+        ["<fake_token_around_image>", "<image>", "<global-img>"])
+    n = model.config.image_tokens_per_image
+    start = ids.index(fake)
+    assert ids[start:start + n + 3] == [fake, global_img] + [image] * n + [fake]
+    assert ids == processor([picture(64)], [QUESTION])["input_ids"][0].tolist()
+    assert max(ids) < model.config.decoder.vocab_size
 
 
 def test_demo_model_is_refused_with_every_reason():

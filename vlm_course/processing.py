@@ -29,10 +29,10 @@ IGNORE_INDEX = -100  # cross-entropy skips these label positions
 IMAGE_TOKEN = "<image>"
 # Idefics3's wrappers (image_layout="idefics3"): one unsplit image is
 # <fake_token_around_image><global-img><image>...<image><fake_token_around_image>. transformers' Idefics3Processor
-# adds these three special tokens to its tokenizer, in this order; <global-img> stays whatever the tokenizer makes of
-# the text (one token in SmolVLM's tokenizer, a few BPE pieces in SmolLM2's).
+# adds the first three of these special tokens to its tokenizer, in this order; <global-img> is one token in SmolVLM's
+# tokenizer, and llama.cpp's multimodal tool looks it up as one, so the course adds it too.
 FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TAG, END_OF_UTTERANCE = "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"
-IDEFICS3_SPECIAL_TOKENS = (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE)
+IDEFICS3_SPECIAL_TOKENS = (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE, GLOBAL_IMAGE_TAG)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 

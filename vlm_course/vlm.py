@@ -292,7 +292,8 @@ class VisionLanguageModel(nn.Module):
                                num_channels=vision.num_channels, image_size=vision.image_size,
                                patch_size=vision.patch_size, hidden_act="gelu_pytorch_tanh",
                                layer_norm_eps=vision.layer_norm_eps),
-            text_config=dict(model_type="llama", vocab_size=dec.vocab_size, hidden_size=dec.hidden_size,
+            # "VLlama3ForCausalLM" as in SmolVLM's own config.json: llama.cpp's converter picks its text model by it
+            text_config=dict(model_type="llama", architectures=["VLlama3ForCausalLM"], vocab_size=dec.vocab_size, hidden_size=dec.hidden_size,
                              intermediate_size=dec.intermediate_size, num_hidden_layers=dec.num_layers,
                              num_attention_heads=dec.num_heads, num_key_value_heads=dec.num_kv_heads,
                              head_dim=dec.head_dim, rms_norm_eps=dec.rms_norm_eps,
