@@ -254,8 +254,8 @@ class VisionLanguageModel(nn.Module):
         """Write a transformers Idefics3 (SmolVLM-architecture) checkpoint: the reverse of `from_idefics3`.
 
         The folder holds config.json, generation_config.json, model.safetensors with transformers' names
-        (`idefics3_name_map`), the tokenizer, and the processor (processor_config.json, preprocessor_config.json,
-        chat_template.jinja), so `Idefics3ForConditionalGeneration.from_pretrained(folder)` and
+        (`idefics3_name_map`), the tokenizer, and the processor (processor_config.json, which holds the image
+        processor, and chat_template.jinja), so `Idefics3ForConditionalGeneration.from_pretrained(folder)` and
         `AutoProcessor.from_pretrained(folder)` load it with no remote code, and the processor's chat template
         writes the course's ChatML prompt with the processor's system prompt.
 
@@ -265,7 +265,8 @@ class VisionLanguageModel(nn.Module):
         attended to), so no choice of weights makes a model trained without them answer the same with them.
         Instead the course's processor builds Idefics3's layout itself (VLMConfig.image_layout="idefics3", which
         `from_idefics3` also sets); a model is trained and evaluated with that layout, and its prompts are then
-        the same ids transformers' processor builds. The image processor is set to one tile (no splitting, so no
+        the same ids transformers' processor builds (<fake_token_around_image> and <global-img> are single special
+        tokens, as in SmolVLM's tokenizer; `resize_vocabulary` gives them rows). The image processor is set to one tile (no splitting, so no
         <row_i_col_j> tokens) at the encoder's size, bicubic, with the course's normalisation: square pictures of
         any size give our pixel values exactly; a non-square one is resized twice there (longest edge, then
         squashed to a square) and once here, so its pixels differ slightly (~0.006 on average on the [-1, 1]
