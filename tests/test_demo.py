@@ -271,16 +271,18 @@ def test_vision_resized_to_its_own_size_is_the_same_function():
 
 
 def test_committed_demo_checkpoint_answers_from_the_picture():
-    """The checkpoint `make demo` trained, as committed: right on held-out colour/shape and position questions,
-    and at chance on the same questions with another scene's image (so the answers were read from the picture)."""
+    """The checkpoint `make demo` trained, as committed: right on held-out colour/shape, count and position
+    questions, and at chance on the same questions with another scene's image (so the answers were read from the
+    picture)."""
     from vlm_course.demo_panel import load_demo_checkpoint
     from vlm_course.vlm import answer
 
     folder = assets_dir() / "demo_checkpoint"
     results = json.loads((folder / "results.json").read_text())
     assert results["after"]["shapes"] >= 0.9 and results["other_image"]["shapes"] <= 0.3
+    assert results["after"]["count"] >= 0.7 and results["other_image"]["count"] <= 0.3
     model, processor = load_demo_checkpoint(folder)
-    samples = demo.load_samples("test", ("shapes", "position"), 24)
+    samples = demo.load_samples("test", ("shapes", "count", "position"), 16)
     questions = [s["question"] for s in samples]
     right = answer(model, processor, [s["image"] for s in samples], questions, max_new_tokens=4)
     other = answer(model, processor, [s["image"] for s in demo.with_other_images(samples)], questions,
@@ -288,7 +290,7 @@ def test_committed_demo_checkpoint_answers_from_the_picture():
     gold = [s["answer"] for s in samples]
     right_acc = sum(p == g for p, g in zip(right, gold)) / len(gold)
     other_acc = sum(p == g for p, g in zip(other, gold)) / len(gold)
-    assert right_acc >= 0.75, f"held-out accuracy {right_acc:.2f}: {list(zip(questions, right, gold))[:6]}"
+    assert right_acc >= 0.7, f"held-out accuracy {right_acc:.2f}: {list(zip(questions, right, gold))[:6]}"
     assert other_acc <= 0.35, f"with another scene's image still {other_acc:.2f}: the answers ignore the picture"
 
 

@@ -1,6 +1,6 @@
-"""The offline instructor demo: a real VLM trained on a laptop CPU, offline, in about 21 minutes.
+"""The offline instructor demo: a real VLM trained on a laptop CPU, offline, in about 25 minutes.
 
-    python -m vlm_course demo            # (or `make demo`) profile smol: ~21 min in all on 2 CPU cores
+    python -m vlm_course demo            # (or `make demo`) profile smol: ~25 min in all on 2 CPU cores
     python -m vlm_course demo --quick    # a few steps: checks the pipeline end to end
     python -m vlm_course demo --profile tiny --quick    # seconds: random tiny model (tests)
 
@@ -25,11 +25,12 @@ The committed copy, assets/demo_checkpoint, is this run's output: `python -m vlm
 
 The recipe, and why each number is what it is, lives in `DemoRecipe` below.
 
-Status (measured by `make demo` on 2 cores, 2026-12-01; 200 held-out questions per subset): after 13.7 min of
-training the model reads colour/shape and position from the picture: shapes 0.00 -> 0.94 and position 0.00 -> 0.83,
-falling to 0.23 and 0.08 (chance 0.20, 0.11) with another scene's image. Counting, spatial relations and lettered
-options are not learnt: count 0.20, spatial 0.51, mc 0.27 (chance 0.20 / 0.50 / 0.25). The trained weights are
-committed in assets/demo_checkpoint; docs/demo_findings.md section 12 has the recipe's measurements.
+Status (measured by `make demo` on 2 cores, 2026-12-01; 200 held-out questions per subset): the model reads
+colour/shape, counts and position from the picture: shapes 0.00 -> 0.96, count 0.00 -> 0.73 (the image side's own
+tally is right for 0.76), position 0.00 -> 0.82, falling to 0.19, 0.17 and 0.07 (chance 0.20, 0.20, 0.11) with
+another scene's image. Spatial relations and lettered options are not learnt: spatial 0.51, mc 0.25 (chance 0.50,
+0.25). Training takes ~16.5 min on an idle 2-core machine (4.5 s per QA step). The trained weights are committed
+in assets/demo_checkpoint; docs/demo_findings.md sections 12-13 have the recipe's measurements.
 """
 
 from __future__ import annotations
