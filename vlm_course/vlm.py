@@ -8,6 +8,9 @@
 The decoder's vocabulary stays as pretrained: the <image> id (appended by the tokenizer) is never looked
 up in the embedding table (its positions are overwritten), and the LM head never predicts it. Only Idefics3's
 layout (image_layout="idefics3") needs rows for new tokens, its wrappers: `resize_vocabulary` adds them.
+
+Why one file past 500 lines: the model and the two checkpoint formats it reads and writes (the course's own, and
+Idefics3/SmolVLM's with its name map in both directions) are kept together, as nanoVLM keeps its model and loaders.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ References are built on vlm_course.decoder (RMSNorm's maths, RotaryEmbedding, ap
 build_attention_mask, SwiGLU, KVCache, sample_next_token's filtering). Mutants are the mistakes learners
 actually make; tests/test_grading.py proves each one fails these checks, and tests/test_grading_l03_l04.py
 that the references agree with the library.
+
+Why one file past 500 lines: it is lesson 03's grading, one file per lesson as the notebooks are: every
+exercise's reference, cases, mutants and hints side by side, so a hint can be read next to the mistake it names.
 """
 
 from __future__ import annotations

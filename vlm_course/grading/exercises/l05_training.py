@@ -4,6 +4,9 @@ References are built on what the lesson checks against: the course processor's a
 (vlm_course.processing), bitsandbytes' NF4 (`bitsandbytes.functional.quantize_4bit` / `dequantize_4bit`),
 peft's LoRA layer (`peft.tuners.lora.Linear`) and the library's optimiser groups (`vlm_course.training`).
 Mutants are the mistakes learners actually make; each must fail these checks (see the lesson's graded tests).
+
+Why one file past 500 lines: it is lesson 05's grading, one file per lesson as the notebooks are: every
+exercise's reference, cases, mutants and hints side by side, so a hint can be read next to the mistake it names.
 """
 
 from __future__ import annotations
