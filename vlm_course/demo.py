@@ -239,15 +239,7 @@ def word_targets(processor: VLMProcessor, n: int, seed: int, progress: bool = Fa
         shapes = random_scene(rng)
         pixels.append(processor.image_transform(synthetic.render(rng, SCENE_SIZE, shapes)).half())
         ids.append([processor.text_ids(w)[0] for w in block_words(shapes, config.block_grid_size)])
-    return {"pixel_values": torch.stack(pixels), "word_ids": torch.tensor(ids), "vocabulary": block_vocabulary(processor)}
-
-
-def block_vocabulary(processor: VLMProcessor) -> torch.Tensor:
-    """The ids of the words a block can be named with: the six colours, the four shapes, " no" and " object"."""
-    from .data import synthetic
-
-    words = [f" {w}" for w in (*synthetic.COLOURS, *synthetic.SHAPES, "no", "object")]
-    return torch.tensor([processor.text_ids(w)[0] for w in words])
+    return {"pixel_values": torch.stack(pixels), "word_ids": torch.tensor(ids)}
 
 
 @torch.no_grad()
@@ -280,16 +272,6 @@ def fit_projector_to_words(model: VisionLanguageModel, data: dict[str, torch.Ten
     tokens = model.projector.block_tokens(model.vision(data["pixel_values"][:chunk].float())).float()
     targets = model.decoder.embed_tokens(data["word_ids"][:chunk]).float()
     return float((((tokens - targets) ** 2).sum(-1) / (targets**2).sum(-1)).mean())
-
-
-@torch.no_grad()
-def word_accuracy(model: VisionLanguageModel, processor: VLMProcessor, data: dict[str, torch.Tensor]) -> float:
-    """How often an image token's nearest embedding, among the words the stage uses, is its target word."""
-    vocab_ids = block_vocabulary(processor)
-    table = model.decoder.embed_tokens(vocab_ids).float()
-    tokens = model.projector.block_tokens(model.vision(data["pixel_values"].float())).float()
-    nearest = vocab_ids[torch.cdist(tokens, table.expand(len(tokens), -1, -1)).argmin(-1)]
-    return float((nearest == data["word_ids"]).float().mean())
 
 
 # ----------------------------------------------------------------------------------------------
