@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import weight_files
 from .config import DecoderConfig
+from .registry import register_decoder
 
 
 class RMSNorm(nn.Module):
@@ -195,6 +196,7 @@ class DecoderOutput:
     hidden_states: torch.Tensor | None = None  # last layer, after the final norm
 
 
+@register_decoder("llama")  # the kind configs name by default (decoder.kind)
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import weight_files
 from .config import VisionConfig
+from .registry import register_vision
 
 
 class PatchEmbedding(nn.Module):
@@ -118,6 +119,7 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+@register_vision("siglip")  # the kind configs name by default (vision.kind)
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
