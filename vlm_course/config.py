@@ -120,6 +120,12 @@ class VLMConfig:
     image_token_id: int | None = None  # set from the tokenizer (processing.load_tokenizer adds the token)
     tokenizer: str = "smollm2"  # name understood by processing.load_tokenizer, or a local path
     max_length: int = 2048  # longest sequence the processor lets through (prompt + answer)
+    # Idefics3's image splitting (`vlm_course.image_splitting`, with image_layout="idefics3"): each image is resized
+    # so its longest edge is `split_longest_edge` px, cut into tiles of vision.image_size px plus a downscaled global
+    # view, and the prompt names each tile's row and column. False (every profile and committed checkpoint): one
+    # view per image. None: 4 x vision.image_size, as Idefics3 (1456 = 4 x 364) and SmolVLM (2048 = 4 x 512) do.
+    image_splitting: bool = False
+    split_longest_edge: int | None = None
     # How the processor lays out one image's tokens. "plain": one run of <image> tokens (nanoVLM). "grid": each
     # block's place in words before its tokens ("top left <image><image> top <image><image> ..."), as Idefics3
     # writes <row_1_col_1> before each tile, so the decoder reads *where* a block is instead of inferring it.
@@ -149,6 +155,12 @@ class VLMConfig:
             raise ValueError("image_layout='idefics3' has one <image> token per pixel-shuffled block and no count "
                              f"tokens: set projector.tokens_per_block=1 (got {self.projector.tokens_per_block}) and "
                              f"projector.count_labels=() (got {self.projector.count_labels!r})")
+        if self.image_splitting and self.image_layout != "idefics3":
+            raise ValueError("image splitting writes Idefics3's <row_i_col_j> tile markers: set image_layout='idefics3' "
+                             f"(got {self.image_layout!r}) or image_splitting=False")
+        if self.split_longest_edge is not None and self.split_longest_edge < self.vision.image_size:
+            raise ValueError(f"split_longest_edge {self.split_longest_edge} is below the tile size (vision.image_size "
+                             f"{self.vision.image_size}): every image would be one tile; raise it or set it to None")
 
     @property
     def block_grid_size(self) -> int:
@@ -160,6 +172,11 @@ class VLMConfig:
         """Tokens one image costs in the decoder: (image_size / patch_size)^2 / r^2 blocks x tokens_per_block, plus
         one per count label."""
         return self.block_grid_size**2 * self.projector.tokens_per_block + len(self.projector.count_labels)
+
+    @property
+    def image_longest_edge(self) -> int:
+        """The longest edge images are resized to before splitting (split_longest_edge, else 4 tiles)."""
+        return self.split_longest_edge or 4 * self.vision.image_size
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,7 +19,7 @@ The prompt says where each tile sits (`image_prompt_string`):
 The sizes and the order of the PIL calls are transformers' (models/idefics3/image_processing_pil_idefics3.py:
 `resize`, `resize_for_vision_encoder`, `split_images`; the prompt is `Idefics3Processor.replace_image_token` in
 processing_idefics3.py), so the same filter gives the same pixels. Sources: SmolVLM (Marafioti et al. 2025,
-arXiv:2504.05299, section 2.2 "image splitting"), Idefics3 (Laurencon et al. 2024, arXiv:2408.12637).
+arXiv:2504.05299), Idefics3 (Laurencon et al. 2024, arXiv:2408.12637); docs/image_splitting.md has the token counts.
 """
 
 from __future__ import annotations

@@ -24,14 +24,22 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import VisionConfig, VLMConfig
+from .image_splitting import (
+    FAKE_IMAGE_TOKEN,
+    GLOBAL_IMAGE_TAG,
+    IMAGE_TOKEN,
+    image_prompt_string,
+    row_col_tokens,
+    split_image,
+)
 
 IGNORE_INDEX = -100  # cross-entropy skips these label positions
-IMAGE_TOKEN = "<image>"
 # Idefics3's wrappers (image_layout="idefics3"): one unsplit image is
 # <fake_token_around_image><global-img><image>...<image><fake_token_around_image>. transformers' Idefics3Processor
 # adds the first three of these special tokens to its tokenizer, in this order; <global-img> is one token in SmolVLM's
-# tokenizer, and llama.cpp's multimodal tool looks it up as one, so the course adds it too.
-FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TAG, END_OF_UTTERANCE = "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"
+# tokenizer, and llama.cpp's multimodal tool looks it up as one, so the course adds it too. Split images
+# (VLMConfig.image_splitting) add the <row_i_col_j> tile markers as well, single tokens as in SmolVLM's tokenizer.
+END_OF_UTTERANCE = "<end_of_utterance>"
 IDEFICS3_SPECIAL_TOKENS = (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE, GLOBAL_IMAGE_TAG)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -129,6 +137,20 @@ class ImageTransform:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
         return (pixels - self.mean) / self.std
 
+    def split(self, image, longest_edge: int, tile_size: int) -> tuple[torch.Tensor, int, int]:
+        """Idefics3's image splitting (`vlm_course.image_splitting.split_image`, bicubic as above): the tiles and
+        the global view, each normalised, as (rows * cols + 1, 3, tile, tile), tiles row by row; and the grid's rows
+        and cols ((0, 0): the image was not split and is one view)."""
+        image = open_image(image)
+        try:
+            image.load()
+        except OSError as err:
+            raise ValueError(f"the image file is truncated or corrupt ({err}): re-download or re-save it") from err
+        cut = split_image(to_rgb(image), longest_edge, tile_size, Image.Resampling.BICUBIC, min_side=self.min_size)
+        views = [torch.from_numpy(np.asarray(view, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+                 for view in cut.views]
+        return (torch.stack(views) - self.mean) / self.std, cut.rows, cut.cols
+
 
 # ----------------------------------------------------------------------------------------------
 # Where a block sits, in words (image_layout="grid")
@@ -174,6 +196,11 @@ class VLMProcessor:
         if config.image_layout == "idefics3" and any(t not in tokenizer.get_vocab() for t in IDEFICS3_SPECIAL_TOKENS):
             # As Idefics3Processor does, so the ids agree with the tokenizer transformers loads.
             tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_SPECIAL_TOKENS)})
+        if config.image_splitting:
+            # one token per tile marker, for every grid the longest edge allows (at least SmolVLM's 6 x 6)
+            side = max(6, -(-config.image_longest_edge // config.vision.image_size))
+            markers = [t for t in row_col_tokens(side) if t not in tokenizer.get_vocab()]
+            tokenizer.add_tokens(markers, special_tokens=True)  # never split by BPE, skipped when decoding
         self.image_transform = ImageTransform(config.vision)
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
@@ -194,9 +221,30 @@ class VLMProcessor:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def preprocess_images(self, images) -> torch.Tensor:
+        """Images -> pixel_values (N, 3, H, W); with image splitting, each image's tiles and global view in turn."""
+        if self.config.image_splitting:
+            return self.image_inputs(images)[0]
         if not images:
             return torch.zeros(0, 3, self.config.vision.image_size, self.config.vision.image_size)
         return torch.stack([self.image_transform(image) for image in images])
+
+    def image_inputs(self, images) -> tuple[torch.Tensor, list[list[int]]]:
+        """Images -> (pixel_values, each image's prompt ids). Unsplit, every image is one view and the same block
+        (`image_block_ids`). Split (config.image_splitting), an image is its views, tiles then global, and its grid's
+        block (`image_prompt_string`), as transformers' Idefics3Processor writes them."""
+        if not self.config.image_splitting:
+            return self.preprocess_images(images), [self.image_block] * len(images)
+        tile = self.config.vision.image_size
+        if not images:
+            return torch.zeros(0, 3, tile, tile), []
+        views, blocks = [], []
+        for image in images:
+            pixels, rows, cols = self.image_transform.split(image, self.config.image_longest_edge, tile)
+            views.append(pixels)
+            # one string tokenised at once, as transformers tokenises the whole prompt: the markers are special
+            # tokens, and the "\n\n" before the global view is one token
+            blocks.append(self.text_ids(image_prompt_string(rows, cols, self.tokens_per_image)))
+        return torch.cat(views), blocks
 
     def image_block_ids(self) -> list[int]:
         """The ids one image becomes: `tokens_per_image` <image> ids, with each block's place in words before its
@@ -217,16 +265,17 @@ class VLMProcessor:
             ids += self.text_ids(" " + label) + [self.image_token_id]
         return ids if self.config.image_layout == "plain" else ids + self.text_ids("\n")
 
-    def user_content_ids(self, text: str, num_images: int) -> list[int]:
-        """The user's message with image blocks: where the text has <image> markers, else before the text."""
-        block = self.image_block
+    def user_content_ids(self, text: str, num_images: int, blocks: list[list[int]] | None = None) -> list[int]:
+        """The user's message with image blocks: where the text has <image> markers, else before the text.
+        blocks: each image's ids (split images differ from each other); default `image_block` for each."""
+        blocks = [self.image_block] * num_images if blocks is None else blocks
         parts = text.split(IMAGE_TOKEN)
         if len(parts) == 1:  # no markers: images first, as nanoVLM does
-            return block * num_images + self.text_ids(text)
+            return [i for block in blocks for i in block] + self.text_ids(text)
         if len(parts) - 1 != num_images:
             raise ValueError(f"the text has {len(parts) - 1} {IMAGE_TOKEN} markers but {num_images} images were given")
         ids = self.text_ids(parts[0])
-        for part in parts[1:]:
+        for block, part in zip(blocks, parts[1:]):
             ids += block + self.text_ids(part)
         return ids
 
@@ -242,7 +291,7 @@ class VLMProcessor:
         """
         if not turns:
             raise ValueError("the conversation has no turns: each sample needs at least one user question")
-        pixel_values = self.preprocess_images(list(images))
+        pixel_values, blocks = self.image_inputs(list(images))
         input_ids: list[int] = []
         labels: list[int] = []
 
@@ -263,7 +312,7 @@ class VLMProcessor:
                 raise ValueError(f"turn {i} has an {IMAGE_TOKEN} marker, but images go in the first user turn only: "
                                  f"move the marker (and its image) to turn 0")
             add(self.text_ids("<|im_start|>user\n"), False)
-            add(self.user_content_ids(user, len(pixel_values) if i == 0 else 0), False)
+            add(self.user_content_ids(user, len(blocks), blocks) if i == 0 else self.user_content_ids(user, 0), False)
             add(self.text_ids("<|im_end|>\n<|im_start|>assistant\n"), False)
             answer = turn.get("assistant")
             last = i == len(turns) - 1

@@ -170,11 +170,16 @@ class VisionLanguageModel(nn.Module):
 
     @classmethod
     def from_idefics3(cls, path) -> "VisionLanguageModel":
-        """Load a SmolVLM / Idefics3 checkpoint (one image tile, no splitting) through our name maps.
+        """Load a SmolVLM / Idefics3 checkpoint through our name maps.
 
         The three parts map one to one: the SigLIP tower, the connector (Idefics3's pixel shuffle + one bias-free
         linear: our `ModalityProjector` with kind="linear"), and the Llama text model. The prompt layout is
-        Idefics3's (image_layout="idefics3"); the pixel normalisation comes from preprocessor_config.json.
+        Idefics3's (image_layout="idefics3"). The saved image processor (preprocessor_config.json, or the
+        "image_processor" of processor_config.json as transformers 5 writes it) gives the pixel normalisation and
+        the image splitting: with do_image_splitting the course's processor cuts each image into tiles of the
+        encoder's size plus a global view and writes the <row_i_col_j> layout (`vlm_course.image_splitting`); the
+        model reads every view as an image, tiles and global view in the prompt's order, as
+        Idefics3ForConditionalGeneration does. No image processor saved: one view per image.
         `save_idefics3` writes the same names (`idefics3_name_map`).
         """
         folder = weight_files.resolve(path)
@@ -182,11 +187,11 @@ class VisionLanguageModel(nn.Module):
         if hf.get("model_type") not in ("idefics3", "smolvlm"):
             raise ValueError(f"{folder} is a {hf.get('model_type')!r} checkpoint, not Idefics3/SmolVLM")
         vision = vision_config_from_hf(hf)
-        preprocessor = folder / "preprocessor_config.json"
-        if preprocessor.exists():  # the normalisation constants travel with the checkpoint
-            pre = json.loads(preprocessor.read_text())
+        pre = read_idefics3_image_processor(folder)
+        if pre:  # the normalisation constants travel with the checkpoint
             vision.image_mean = tuple(pre.get("image_mean", vision.image_mean))
             vision.image_std = tuple(pre.get("image_std", vision.image_std))
+        splitting, longest_edge = idefics3_splitting(pre, vision.image_size, folder)
         config = VLMConfig(
             vision=vision,
             projector=ProjectorConfig(shuffle_factor=hf.get("scale_factor", 2), kind="linear", bias=False),
@@ -194,6 +199,8 @@ class VisionLanguageModel(nn.Module):
             image_token_id=hf.get("image_token_id"),
             tokenizer=str(folder),
             image_layout="idefics3",
+            image_splitting=splitting,
+            split_longest_edge=longest_edge,
         )
         model = cls(config)
         parts = {  # our prefix: (name map, the checkpoint prefixes it may sit under)
@@ -273,7 +280,9 @@ class VisionLanguageModel(nn.Module):
         <row_i_col_j> tokens) at the encoder's size, bicubic, with the course's normalisation: square pictures of
         any size give our pixel values exactly; a non-square one is resized twice there (longest edge, then
         squashed to a square) and once here, so its pixels differ slightly (~0.006 on average on the [-1, 1]
-        scale). Models in another layout are refused, as are features
+        scale). With image splitting on (VLMConfig.image_splitting) the image processor splits as the course's
+        processor does, at the same longest edge and tile size with the same bicubic PIL calls, so every tile and the
+        global view get our pixel values exactly. Models in another layout are refused, as are features
         Idefics3 cannot express (two tokens per block, count tokens, a projector bias or MLP, unmerged LoRA or
         4-bit layers): `idefics3_problems` names each and what to do.
 
@@ -313,9 +322,10 @@ class VisionLanguageModel(nn.Module):
         names = idefics3_name_map(cfg)
         state = self.state_dict()
         tensors = {names[k]: state[k].detach().to(torch.float32).contiguous().clone() for k in names}
-        image_processor = Idefics3ImageProcessor(
-            do_convert_rgb=True, do_resize=True, size={"longest_edge": vision.image_size},
-            max_image_size={"longest_edge": vision.image_size}, do_image_splitting=False, resample=3,  # bicubic
+        longest_edge = cfg.image_longest_edge if cfg.image_splitting else vision.image_size
+        image_processor = Idefics3ImageProcessor(  # resample 3: bicubic
+            do_convert_rgb=True, do_resize=True, size={"longest_edge": longest_edge},
+            max_image_size={"longest_edge": vision.image_size}, do_image_splitting=cfg.image_splitting, resample=3,
             do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(vision.image_mean),
             image_std=list(vision.image_std), do_pad=True)
         hf_processor = Idefics3Processor(image_processor, tokenizer, image_seq_len=cfg.image_tokens_per_image,
@@ -422,6 +432,31 @@ def idefics3_name_map(config: VLMConfig) -> dict[str, str]:
     return names
 
 
+def read_idefics3_image_processor(folder: Path) -> dict:
+    """The image processor's settings saved with an Idefics3 checkpoint: preprocessor_config.json (SmolVLM's
+    checkpoints, transformers 4), else processor_config.json's "image_processor" (transformers 5); {} if neither."""
+    if (folder / "preprocessor_config.json").exists():
+        return json.loads((folder / "preprocessor_config.json").read_text())
+    if (folder / "processor_config.json").exists():
+        return json.loads((folder / "processor_config.json").read_text()).get("image_processor", {})
+    return {}
+
+
+def idefics3_splitting(image_processor: dict, tile_size: int, folder=None) -> tuple[bool, int | None]:
+    """(image_splitting, split_longest_edge) for VLMConfig from a saved Idefics3 image processor: transformers'
+    defaults when a key is missing (do_image_splitting True, size 4 x 364); an empty dict (none saved) means no
+    splitting. The tiles must be the encoder's size: the course reads every view at vision.image_size."""
+    if not image_processor or not image_processor.get("do_image_splitting", True):
+        return False, None
+    tile = image_processor.get("max_image_size", {}).get("longest_edge", 364)
+    if tile != tile_size:
+        raise ValueError(f"the image processor saved with {folder or 'the checkpoint'} splits images into {tile} px "
+                         f"tiles but the vision encoder reads {tile_size} px: the course reads each tile at the "
+                         "encoder's size; set max_image_size to it (or do_image_splitting to false) in the saved "
+                         "processor config")
+    return True, image_processor.get("size", {}).get("longest_edge", 4 * 364)
+
+
 def chatml_template(system_prompt: str | None) -> str:
     """The course's ChatML prompt as a transformers chat template (for the saved processor): the system turn
     (the processor's prompt unless the messages bring their own), each turn as <|im_start|>role\\n...<|im_end|>\\n,
@@ -461,6 +496,7 @@ def _type_ok(value, annotation: str) -> bool:
 # them: a config.json without them was written by an earlier version and loads as it did. Any other missing key
 # is an error (its default may differ from the saved model). Add a key here when adding a config field.
 CONFIG_KEYS_ADDED_LATER = {"image_layout", "projector.tokens_per_block", "projector.count_labels"}
+CONFIG_KEYS_ADDED_LATER |= {"image_splitting", "split_longest_edge"}  # image splitting
 
 
 def config_problems(data, cls=VLMConfig, where: str = "") -> list[str]:
