@@ -35,6 +35,7 @@ class VisionConfig:
     # SigLIP normalises pixels to [-1, 1]: mean 0.5, std 0.5 per channel.
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    kind: str = "siglip"  # which registered vision encoder builds this (vlm_course.registry); "siglip": vision.py
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -55,8 +56,15 @@ class VisionConfig:
 @dataclass
 class ProjectorConfig:
     shuffle_factor: int = 2  # pixel shuffle ratio r: r*r neighbouring patches become one token
-    kind: str = "linear"  # "linear" (nanoVLM, Idefics3) or "mlp" (LLaVA-1.5 style: linear-GELU-linear)
+    # Which registered connector builds this (vlm_course.registry): "linear" (nanoVLM, Idefics3), "mlp" (LLaVA-1.5,
+    # TinyLLaVA: linear-GELU-linear), "perceiver" (Idefics2: learned queries cross-attending to the patches).
+    kind: str = "linear"
     mlp_hidden_size: int | None = None  # for kind="mlp"; defaults to the decoder width
+    # None: one token per pixel-shuffled block. A number: the connector writes that many tokens whatever the image
+    # size (a perceiver resampler's learned queries; Idefics2 uses 64).
+    num_queries: int | None = None
+    resampler_layers: int = 3  # perceiver: cross-attention layers over the patches (Idefics2: 3)
+    resampler_heads: int = 4  # perceiver: attention heads; must divide the decoder width
     bias: bool = False  # nanoVLM and Idefics3 use one bias-free linear
     # Decoder tokens per pixel-shuffled block. 1 (nanoVLM, Idefics3): one token per block. The demo uses 2, so
     # that a block can be written as two words, "red circle", in the decoder's own embedding space.
@@ -66,12 +74,12 @@ class ProjectorConfig:
     count_labels: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.kind not in ("linear", "mlp"):
-            raise ValueError(f"projector kind must be 'linear' or 'mlp', got {self.kind!r}")
         if self.shuffle_factor < 1:
             raise ValueError(f"shuffle_factor must be >= 1, got {self.shuffle_factor}")
         if self.tokens_per_block < 1:
             raise ValueError(f"tokens_per_block must be >= 1, got {self.tokens_per_block}")
+        if self.num_queries is not None and self.num_queries < 1:
+            raise ValueError(f"num_queries must be >= 1 (or None: one token per block), got {self.num_queries}")
         self.count_labels = tuple(self.count_labels)  # a JSON list reads back as a tuple
         if self.count_labels and self.tokens_per_block != 2:
             raise ValueError("count tokens tally each block's two words (colour, shape): they need tokens_per_block=2, "
@@ -93,6 +101,7 @@ class DecoderConfig:
     tie_word_embeddings: bool = True
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
+    kind: str = "llama"  # which registered decoder builds this (vlm_course.registry); "llama": decoder.py
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -108,6 +117,22 @@ class DecoderConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
 
 
+@dataclass
+class FusionConfig:
+    """How image tokens reach the decoder. "autoregressive" (nanoVLM, Idefics2/3, SmolVLM): they sit in the
+    decoder's input sequence. "cross_attention" (Flamingo): the text holds one marker per image, and gated
+    cross-attention blocks inserted before every `cross_attention_every`-th decoder layer read the image tokens."""
+
+    kind: str = "autoregressive"  # which registered fusion builds this (vlm_course.registry; fusion.py)
+    cross_attention_every: int = 1  # a block before decoder layers every-1, 2*every-1, ... (Flamingo-3B: 1, 9B: 4)
+    mlp_ratio: int = 4  # the width of each block's gated feed-forward layer, in decoder widths (Flamingo: 4)
+
+    def __post_init__(self):
+        if self.cross_attention_every < 1 or self.mlp_ratio < 1:
+            raise ValueError(f"cross_attention_every and mlp_ratio must be >= 1, got {self.cross_attention_every} "
+                             f"and {self.mlp_ratio}")
+
+
 IMAGE_LAYOUTS = ("plain", "grid", "idefics3")
 
 
@@ -116,6 +141,7 @@ class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     image_token: str = "<image>"
     image_token_id: int | None = None  # set from the tokenizer (processing.load_tokenizer adds the token)
     tokenizer: str = "smollm2"  # name understood by processing.load_tokenizer, or a local path
@@ -143,6 +169,8 @@ class VLMConfig:
             self.projector = ProjectorConfig(**self.projector)
         if isinstance(self.decoder, dict):
             self.decoder = DecoderConfig(**self.decoder)
+        if isinstance(self.fusion, dict):
+            self.fusion = FusionConfig(**self.fusion)
         grid, r = self.vision.grid_size, self.projector.shuffle_factor
         if grid % r:
             raise ValueError(
@@ -155,6 +183,14 @@ class VLMConfig:
             raise ValueError("image_layout='idefics3' has one <image> token per pixel-shuffled block and no count "
                              f"tokens: set projector.tokens_per_block=1 (got {self.projector.tokens_per_block}) and "
                              f"projector.count_labels=() (got {self.projector.count_labels!r})")
+        one_token_per_block = self.projector.num_queries is None and self.fusion.kind == "autoregressive"
+        if self.image_layout == "grid" and not one_token_per_block:
+            raise ValueError("image_layout='grid' writes each block's place before its tokens, so it needs tokens that "
+                             "are blocks: projector.num_queries=None and fusion.kind='autoregressive'; use "
+                             "image_layout='plain'")
+        if self.fusion.kind != "autoregressive" and self.projector.count_labels:
+            raise ValueError("count tokens are written into the text after the image tokens: they need "
+                             "fusion.kind='autoregressive' (set projector.count_labels=())")
         if self.image_splitting and self.image_layout != "idefics3":
             raise ValueError("image splitting writes Idefics3's <row_i_col_j> tile markers: set image_layout='idefics3' "
                              f"(got {self.image_layout!r}) or image_splitting=False")
@@ -168,10 +204,20 @@ class VLMConfig:
         return self.vision.grid_size // self.projector.shuffle_factor
 
     @property
+    def connector_tokens_per_image(self) -> int:
+        """Tokens the connector makes of one image: num_queries if set (a resampler), else (image_size /
+        patch_size)^2 / r^2 blocks x tokens_per_block."""
+        if self.projector.num_queries is not None:
+            return self.projector.num_queries
+        return self.block_grid_size**2 * self.projector.tokens_per_block
+
+    @property
     def image_tokens_per_image(self) -> int:
-        """Tokens one image costs in the decoder: (image_size / patch_size)^2 / r^2 blocks x tokens_per_block, plus
-        one per count label."""
-        return self.block_grid_size**2 * self.projector.tokens_per_block + len(self.projector.count_labels)
+        """Tokens one image costs in the decoder's input: the connector's tokens plus one per count label (fully
+        autoregressive), or a single marker (cross-attention fusion: the image enters through layers of its own)."""
+        if self.fusion.kind != "autoregressive":
+            return 1
+        return self.connector_tokens_per_image + len(self.projector.count_labels)
 
     @property
     def image_longest_edge(self) -> int:

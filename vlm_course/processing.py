@@ -256,7 +256,8 @@ class VLMProcessor:
             return (self.text_ids(FAKE_IMAGE_TOKEN + GLOBAL_IMAGE_TAG) + [self.image_token_id] * self.tokens_per_image
                     + self.text_ids(FAKE_IMAGE_TOKEN))
         if self.config.image_layout == "plain":
-            ids = [self.image_token_id] * (self.config.block_grid_size**2 * per_block)
+            # (a resampler's queries, or one marker for cross-attention fusion: `tokens_per_image` counts them all)
+            ids = [self.image_token_id] * (self.tokens_per_image - len(self.config.projector.count_labels))
         else:
             ids = []
             for label in grid_labels(self.config.block_grid_size):

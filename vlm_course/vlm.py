@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from . import weight_files
-from .config import DecoderConfig, Profile, ProjectorConfig, VisionConfig, VLMConfig, get_profile
-from .decoder import LLAMA_PREFIXES, Decoder, decoder_config_from_hf, llama_name_map
+from . import connectors, weight_files  # noqa: F401  (importing connectors registers linear, mlp, perceiver)
+from .config import DecoderConfig, FusionConfig, Profile, ProjectorConfig, VisionConfig, VLMConfig, get_profile
+from .decoder import LLAMA_PREFIXES, Decoder, decoder_config_from_hf, generate, llama_name_map
+from .fusion import splice_image_features  # noqa: F401  (registers the fusion kinds; splice is the autoregressive one)
 from .processing import IGNORE_INDEX, VLMProcessor
-from .projector import ModalityProjector
+from .registry import build_connector, build_decoder, build_fusion, build_vision
 from .vision import SIGLIP_PREFIXES, VisionEncoder, siglip_name_map, vision_config_from_hf
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -43,23 +44,6 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 class VLMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
-
-
-def splice_image_features(
-    token_embeds: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor, image_token_id: int
-) -> torch.Tensor:
-    """Write image features (N, P, D), in order, over the positions where input_ids == image_token_id."""
-    is_image = input_ids == image_token_id
-    num_slots, num_features = int(is_image.sum()), image_features.shape[0] * image_features.shape[1]
-    if num_slots != num_features:
-        raise ValueError(
-            f"the text has {num_slots} image tokens but the {image_features.shape[0]} images give {num_features} "
-            f"features ({image_features.shape[1]} each): every image needs exactly one block of image tokens "
-            "(build inputs with the processor)"
-        )
-    # masked_scatter fills the True positions in row-major order: sample 0's images first, then sample 1's.
-    features = image_features.reshape(-1, image_features.shape[-1]).to(token_embeds.dtype)
-    return token_embeds.masked_scatter(is_image.unsqueeze(-1), features)
 
 
 def answer_only_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -76,9 +60,13 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, config: VLMConfig):
         super().__init__()
         self.config = config
-        self.vision = VisionEncoder(config.vision)
-        self.projector = ModalityProjector(config.projector, config.vision.hidden_size, config.decoder.hidden_size)
-        self.decoder = Decoder(config.decoder)
+        # Each part is built by the kind its config names (vlm_course.registry): "siglip", "linear", "llama" and
+        # "autoregressive" by default, today's model. The fusion comes last, so the others draw the same random
+        # initialisation as before it existed.
+        self.vision = build_vision(config.vision)
+        self.projector = build_connector(config.projector, config.vision.hidden_size, config.decoder.hidden_size)
+        self.decoder = build_decoder(config.decoder)
+        self.fusion = build_fusion(config.fusion, config.decoder)
 
     @property
     def image_token_id(self) -> int:
@@ -90,7 +78,9 @@ class VisionLanguageModel(nn.Module):
         """(N, 3, H, W) -> (N, tokens_per_image, decoder width)."""
         return self.projector(self.vision(pixel_values))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def token_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The decoder's embeddings of the text tokens; <image> positions get a placeholder (row 0) that the fusion
+        overwrites."""
         is_image = input_ids == self.image_token_id
         # The <image> id may lie outside the embedding table: look up a harmless id there instead.
         ids = input_ids.masked_fill(is_image, 0)
@@ -100,16 +90,21 @@ class VisionLanguageModel(nn.Module):
                 f"token id {int(ids.max())} is outside the decoder's embedding table ({rows} rows): the tokenizer has "
                 "tokens the decoder cannot read (image_layout='idefics3' adds <fake_token_around_image>); grow the "
                 "table with model.resize_vocabulary(len(processor.tokenizer)) before training")
-        token_embeds = self.decoder.embed_tokens(ids)
-        if pixel_values is None or pixel_values.shape[0] == 0:
-            if is_image.any():
-                raise ValueError(f"the text has {int(is_image.sum())} image tokens but no images were given")
-            return token_embeds
-        return splice_image_features(token_embeds, input_ids, self.encode_images(pixel_values), self.image_token_id)
+        return self.decoder.embed_tokens(ids)
+
+    def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None):
+        """(input embeddings, the decoder to run them through), as the fusion decides: fully autoregressive, the
+        image features spliced over the <image> tokens and the decoder itself; cross-attention, the text with one
+        marker per image and the decoder with gated blocks reading the images (vlm_course/fusion.py)."""
+        return self.fusion.prepare(self, input_ids, pixel_values)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's input embeddings (fully autoregressive: with the image features spliced in)."""
+        return self.prepare(input_ids, pixel_values)[0]
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None) -> VLMOutput:
-        embeds = self.embed(input_ids, pixel_values)
-        logits = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask).logits
+        embeds, decoder = self.prepare(input_ids, pixel_values)
+        logits = decoder(inputs_embeds=embeds, attention_mask=attention_mask).logits
         loss = answer_only_loss(logits, labels) if labels is not None else None
         return VLMOutput(logits=logits, loss=loss)
 
@@ -117,9 +112,9 @@ class VisionLanguageModel(nn.Module):
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32, **kwargs):
         """New tokens (B, <= max_new_tokens) for a left-padded batch; options as `decoder.generate`."""
         kwargs.setdefault("eos_token_id", self.config.decoder.eos_token_id)
-        embeds = self.embed(input_ids, pixel_values)
-        return self.decoder.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                     max_new_tokens=max_new_tokens, **kwargs)
+        embeds, decoder = self.prepare(input_ids, pixel_values)
+        return generate(decoder, inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                        **kwargs)
 
     # -- building -----------------------------------------------------------------------------
 
@@ -495,7 +490,10 @@ def _type_ok(value, annotation: str) -> bool:
 # Keys added to the configs after models were first saved, with defaults that do what the course did before
 # them: a config.json without them was written by an earlier version and loads as it did. Any other missing key
 # is an error (its default may differ from the saved model). Add a key here when adding a config field.
-CONFIG_KEYS_ADDED_LATER = {"image_layout", "projector.tokens_per_block", "projector.count_labels"}
+CONFIG_KEYS_ADDED_LATER = {"image_layout", "projector.tokens_per_block", "projector.count_labels",
+                           # the parts' kinds (vlm_course.registry) and the perceiver's and fusion's settings
+                           "vision.kind", "decoder.kind", "projector.num_queries", "projector.resampler_layers",
+                           "projector.resampler_heads", "fusion"}
 CONFIG_KEYS_ADDED_LATER |= {"image_splitting", "split_longest_edge"}  # image splitting
 
 
@@ -507,7 +505,8 @@ def config_problems(data, cls=VLMConfig, where: str = "") -> list[str]:
         return [f"{where or 'the file'} should be a JSON object, got {type(data).__name__}"]
     problems = []
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    sections = {"vision": VisionConfig, "projector": ProjectorConfig, "decoder": DecoderConfig}
+    sections = {"vision": VisionConfig, "projector": ProjectorConfig, "decoder": DecoderConfig,
+                "fusion": FusionConfig}
     for name in sorted(set(data) - set(fields)):
         problems.append(f"unknown key {where}{name!r}")
     for name, f in fields.items():

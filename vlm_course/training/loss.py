@@ -33,11 +33,12 @@ def answer_loss_sum(model, batch: dict, neftune_alpha: float | None = None) -> t
     would cost (B x T x 49152) floats and a large share of the FLOPs for nothing.
     """
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    embeds = model.embed(input_ids, batch.get("pixel_values"))
+    # the decoder to run: the model's own, or with the fusion's cross-attention blocks (vlm_course/fusion.py)
+    embeds, decoder = model.prepare(input_ids, batch.get("pixel_values"))
     if neftune_alpha:
         text = (input_ids != model.image_token_id) & attention_mask.bool()
         embeds = neftune_noise(embeds, text.to(embeds.dtype), neftune_alpha)
-    out = model.decoder(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=1)
+    out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, logits_to_keep=1)
     targets = labels[:, 1:]  # position t predicts token t + 1
     keep = targets != IGNORE_INDEX
     logits = model.decoder.lm_head(out.hidden_states[:, :-1][keep])

@@ -21,7 +21,8 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
     No weight decay on 1-D parameters (norm scales, biases, DoRA magnitudes): decaying them toward zero
     fights the normalisation they implement.
     """
-    lrs = {"vision": cfg.lr_vision, "projector": cfg.lr_projector, "decoder": cfg.lr_decoder}
+    # the fusion's new layers (cross-attention blocks) learn at the projector's rate: both are new glue
+    lrs = {"vision": cfg.lr_vision, "projector": cfg.lr_projector, "decoder": cfg.lr_decoder, "fusion": cfg.lr_projector}
     groups: dict[str, dict] = {}
     seen = set()
     for name, p in model.named_parameters():

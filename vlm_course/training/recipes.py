@@ -29,8 +29,11 @@ def apply_recipe(model, cfg: TrainConfig) -> dict[str, int]:
     elif cfg.vision == "lora":
         _unfreeze_lora(model.vision)
 
-    # projector
+    # projector, and the fusion's new layers (cross-attention blocks; none in a fully autoregressive model): the
+    # glue between the two backbones trains with the projector's recipe and learning rate
     model.projector.requires_grad_(cfg.projector == "full")
+    if hasattr(model, "fusion"):
+        model.fusion.requires_grad_(cfg.projector == "full")
 
     # decoder
     if cfg.decoder == "qlora" and not is_quantized(model.decoder):
@@ -73,7 +76,8 @@ def _unfreeze_lora(module: nn.Module) -> None:
 def trainable_counts(model) -> dict[str, int]:
     """Trainable parameters per component (shared tensors counted once)."""
     counts = {}
-    for component in COMPONENTS:
+    fusion = getattr(model, "fusion", None)  # counted when it has layers of its own (cross-attention)
+    for component in COMPONENTS + (("fusion",) if fusion is not None and list(fusion.parameters()) else ()):
         params = {id(p): p for p in getattr(model, component).parameters() if p.requires_grad}
         counts[component] = sum(p.numel() for p in params.values())
     return counts
