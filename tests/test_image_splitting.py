@@ -323,3 +323,14 @@ def test_save_idefics3_round_trip_with_splitting(tmp_path):
     again = VisionLanguageModel.from_idefics3(folder)
     assert (again.config.image_splitting, again.config.image_longest_edge) == (True, 128)
     assert VLMProcessor.from_config(again.config)([image], [QUESTION])["input_ids"].tolist() == ours["input_ids"].tolist()
+
+
+def test_a_split_model_saves_and_loads_as_itself(tmp_path):
+    """The two config fields go through config.json (checked key by key when it is read back)."""
+    from vlm_course.vlm import VisionLanguageModel
+
+    model = VisionLanguageModel(course_config(longest_edge=192))
+    again = VisionLanguageModel.from_pretrained(model.save_pretrained(tmp_path / "split"))
+    assert (again.config.image_splitting, again.config.split_longest_edge) == (True, 192)
+    processor = VLMProcessor.from_config(again.config)
+    assert processor.preprocess_images([photo(201, 77)]).shape == (2 * 3 + 1, 3, 64, 64)
