@@ -137,6 +137,29 @@ IMAGE_LAYOUTS = ("plain", "grid", "idefics3")
 
 
 @dataclass
+class HighResConfig:
+    """Vary-toy's second vision branch (arXiv 2401.12503, its "new vision vocabulary"): a ViT that reads the picture at a
+    higher resolution, with its own patch size and projector; its tokens follow the first branch's in the decoder's
+    input (`vlm_course.dual_vision`). The default reads 128 px in 8 px patches (16 x 16 patches) and pixel-shuffles
+    by 4: 16 more tokens per image."""
+
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(
+        image_size=128, patch_size=8, hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3))
+    shuffle_factor: int = 4
+
+    def __post_init__(self):
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if self.vision.grid_size % self.shuffle_factor:
+            raise ValueError(f"the high-resolution patch grid {self.vision.grid_size}x{self.vision.grid_size} is not "
+                             f"divisible by its pixel-shuffle factor {self.shuffle_factor}")
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.vision.grid_size // self.shuffle_factor) ** 2
+
+
+@dataclass
 class VLMConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -160,6 +183,9 @@ class VLMConfig:
     # Idefics3Processor writes, so a model trained with it answers the same in transformers
     # (`VisionLanguageModel.save_idefics3`).
     image_layout: str = "plain"
+    # None (every profile, every committed checkpoint): one vision branch. A HighResConfig adds Vary-toy's second,
+    # high-resolution branch; the processor then resizes images to its size and the first branch sees them downsampled.
+    high_res: HighResConfig | None = None
 
     def __post_init__(self):
         # Accept plain dicts (as read back from config.json).
@@ -179,6 +205,10 @@ class VLMConfig:
             )
         if self.image_layout not in IMAGE_LAYOUTS:
             raise ValueError(f"image_layout must be one of {IMAGE_LAYOUTS}, got {self.image_layout!r}")
+        if isinstance(self.high_res, dict):
+            self.high_res = HighResConfig(**self.high_res)
+        if self.high_res is not None:
+            self.check_high_res()
         if self.image_layout == "idefics3" and (self.projector.tokens_per_block != 1 or self.projector.count_labels):
             raise ValueError("image_layout='idefics3' has one <image> token per pixel-shuffled block and no count "
                              f"tokens: set projector.tokens_per_block=1 (got {self.projector.tokens_per_block}) and "
@@ -213,11 +243,37 @@ class VLMConfig:
 
     @property
     def image_tokens_per_image(self) -> int:
-        """Tokens one image costs in the decoder's input: the connector's tokens plus one per count label (fully
-        autoregressive), or a single marker (cross-attention fusion: the image enters through layers of its own)."""
+        """Tokens one image costs in the decoder's input: the connector's tokens, plus one per count label, plus the
+        high-resolution branch's tokens if there is one (fully autoregressive fusion); or a single marker
+        (cross-attention fusion: the image enters through layers of its own)."""
         if self.fusion.kind != "autoregressive":
             return 1
-        return self.connector_tokens_per_image + len(self.projector.count_labels)
+        return (self.connector_tokens_per_image + len(self.projector.count_labels)
+                + self.high_res_tokens_per_image)
+
+    @property
+    def high_res_tokens_per_image(self) -> int:
+        """Tokens the second, high-resolution branch adds per image (0 without one)."""
+        return 0 if self.high_res is None else self.high_res.tokens_per_image
+
+    @property
+    def pixel_size(self) -> int:
+        """The side the processor resizes images to: the high-resolution branch's when there is one."""
+        return self.vision.image_size if self.high_res is None else self.high_res.vision.image_size
+
+    def check_high_res(self) -> None:
+        """The two branches share one pixel tensor (at the high-res size, downsampled for the first branch), and the
+        second branch's tokens follow a plain run of the first's."""
+        high = self.high_res.vision
+        if high.image_size < self.vision.image_size:
+            raise ValueError(f"high_res.vision.image_size {high.image_size} is below the first branch's "
+                             f"{self.vision.image_size}: the second branch must read the picture at a higher resolution")
+        if (tuple(high.image_mean), tuple(high.image_std)) != (tuple(self.vision.image_mean), tuple(self.vision.image_std)):
+            raise ValueError("the two vision branches read one normalised pixel tensor: give high_res.vision the same "
+                             f"image_mean/image_std as vision ({self.vision.image_mean}, {self.vision.image_std})")
+        if self.image_layout != "plain" or self.projector.count_labels:
+            raise ValueError("a second vision branch appends its tokens to a plain run of <image> tokens: use "
+                             f"image_layout='plain' (got {self.image_layout!r}) and no count labels")
 
     @property
     def image_longest_edge(self) -> int:

@@ -116,8 +116,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 class ImageTransform:
     """Resize to the encoder's square size, scale to [0, 1], normalise per channel: -> (3, H, W) float tensor."""
 
-    def __init__(self, cfg: VisionConfig):
-        self.size = cfg.image_size
+    def __init__(self, cfg: VisionConfig, size: int | None = None):
+        # size: the side to resize to when it is not the encoder's (a second, high-resolution branch,
+        # `vlm_course.dual_vision`, reads this size): then no image smaller than it is upsampled to it.
+        self.size, self.upsamples = size or cfg.image_size, size is None
         self.min_size = cfg.patch_size
         self.mean = torch.tensor(cfg.image_mean).view(3, 1, 1)
         self.std = torch.tensor(cfg.image_std).view(3, 1, 1)
@@ -133,6 +135,10 @@ class ImageTransform:
                 f"the image is {image.size[0]}x{image.size[1]} px, smaller than one {self.min_size}px patch: "
                 "it carries almost no information; use a larger image"
             )
+        if not self.upsamples and min(image.size) < self.size:
+            raise ValueError(f"the image is {image.size[0]}x{image.size[1]} px, smaller than the {self.size} px the "
+                             "high-resolution branch reads: upsampling adds no detail for it to read; give an image of at "
+                             f"least {self.size} px a side (e.g. synthetic.generate(..., image_size={self.size}))")
         image = to_rgb(image).resize((self.size, self.size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
         return (pixels - self.mean) / self.std
@@ -201,7 +207,7 @@ class VLMProcessor:
             side = max(6, -(-config.image_longest_edge // config.vision.image_size))
             markers = [t for t in row_col_tokens(side) if t not in tokenizer.get_vocab()]
             tokenizer.add_tokens(markers, special_tokens=True)  # never split by BPE, skipped when decoding
-        self.image_transform = ImageTransform(config.vision)
+        self.image_transform = ImageTransform(config.vision, config.high_res and config.pixel_size)
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {config.image_token!r} token: load it with load_tokenizer()")
@@ -225,7 +231,7 @@ class VLMProcessor:
         if self.config.image_splitting:
             return self.image_inputs(images)[0]
         if not images:
-            return torch.zeros(0, 3, self.config.vision.image_size, self.config.vision.image_size)
+            return torch.zeros(0, 3, self.config.pixel_size, self.config.pixel_size)
         return torch.stack([self.image_transform(image) for image in images])
 
     def image_inputs(self, images) -> tuple[torch.Tensor, list[list[int]]]:
@@ -256,6 +262,7 @@ class VLMProcessor:
             return (self.text_ids(FAKE_IMAGE_TOKEN + GLOBAL_IMAGE_TAG) + [self.image_token_id] * self.tokens_per_image
                     + self.text_ids(FAKE_IMAGE_TOKEN))
         if self.config.image_layout == "plain":
+            # then the second branch's tokens, if the model has one (VLMConfig.high_res)
             # (a resampler's queries, or one marker for cross-attention fusion: `tokens_per_image` counts them all)
             ids = [self.image_token_id] * (self.tokens_per_image - len(self.config.projector.count_labels))
         else:

@@ -30,8 +30,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import connectors, weight_files  # noqa: F401  (importing connectors registers linear, mlp, perceiver)
-from .config import DecoderConfig, FusionConfig, Profile, ProjectorConfig, VisionConfig, VLMConfig, get_profile
+from .config import (
+    DecoderConfig,
+    FusionConfig,
+    HighResConfig,
+    Profile,
+    ProjectorConfig,
+    VisionConfig,
+    VLMConfig,
+    get_profile,
+)
 from .decoder import LLAMA_PREFIXES, Decoder, decoder_config_from_hf, generate, llama_name_map
+from .dual_vision import DualProjector, DualVisionEncoder
 from .fusion import splice_image_features  # noqa: F401  (registers the fusion kinds; splice is the autoregressive one)
 from .processing import IGNORE_INDEX, VLMProcessor
 from .registry import build_connector, build_decoder, build_fusion, build_vision
@@ -67,6 +77,8 @@ class VisionLanguageModel(nn.Module):
         self.projector = build_connector(config.projector, config.vision.hidden_size, config.decoder.hidden_size)
         self.decoder = build_decoder(config.decoder)
         self.fusion = build_fusion(config.fusion, config.decoder)
+        if config.high_res is not None:  # Vary-toy's second, high-resolution branch: vlm_course/dual_vision.py
+            self.vision, self.projector = DualVisionEncoder.from_config(config), DualProjector.from_config(config)
 
     @property
     def image_token_id(self) -> int:
@@ -490,7 +502,7 @@ def _type_ok(value, annotation: str) -> bool:
 # Keys added to the configs after models were first saved, with defaults that do what the course did before
 # them: a config.json without them was written by an earlier version and loads as it did. Any other missing key
 # is an error (its default may differ from the saved model). Add a key here when adding a config field.
-CONFIG_KEYS_ADDED_LATER = {"image_layout", "projector.tokens_per_block", "projector.count_labels",
+CONFIG_KEYS_ADDED_LATER = {"image_layout", "projector.tokens_per_block", "projector.count_labels", "high_res",
                            # the parts' kinds (vlm_course.registry) and the perceiver's and fusion's settings
                            "vision.kind", "decoder.kind", "projector.num_queries", "projector.resampler_layers",
                            "projector.resampler_heads", "fusion"}
@@ -516,6 +528,8 @@ def config_problems(data, cls=VLMConfig, where: str = "") -> list[str]:
             problems.append(f"missing {'section' if not where and name in sections else 'key'} {where}{name!r}")
         elif not where and name in sections:
             problems += config_problems(data[name], sections[name], f"{name}.")
+        elif f"{where}{name}" in ("high_res", "high_res.vision") and isinstance(data[name], dict):
+            problems += config_problems(data[name], HighResConfig if name == "high_res" else VisionConfig, f"{where}{name}.")
         elif not _type_ok(data[name], str(f.type)):
             problems.append(f"{where}{name} should be {f.type}, got {data[name]!r}")
     return problems

@@ -7,7 +7,8 @@ course matches the number a paper or leaderboard would report for the same predi
     mmstar.py    MMStar: lmms-eval's MMStar task (``exact_match`` for one answer, ``mmstar_aggregate_results``
                  for the table), its prompt, and `load_mmstar`
     docvqa.py    ANLS: the official DocVQA / InfographicVQA script (also lmms-eval's ``anls``)
-    boxes.py     boxes written as text (grounding, Vary-toy style): IoU between a parsed box and the gold box
+    boxes.py     boxes written as text (grounding, Vary-toy style): 0-1000 normalisation, strict and lenient
+                 parsing, IoU, Acc@0.5 and mean IoU
     scoring.py   which metric scores which subset
 
 The metrics are pure Python: no torch, no numpy. Running a model over questions comes after them:
@@ -20,7 +21,21 @@ The metrics are pure Python: no torch, no numpy. Running a model over questions 
 Everything is importable from here (`from vlm_course.evaluation import vqa_accuracy, evaluate`).
 """
 
-from .boxes import BOX_SCALE, Box, box_accuracy, box_iou, parse_box
+from .boxes import (
+    BOX_SCALE,
+    Box,
+    accuracy_at_iou,
+    box_accuracy,
+    box_iou,
+    box_ious,
+    check_box,
+    denormalize_box,
+    format_box,
+    mean_iou,
+    normalize_box,
+    parse_box,
+    read_box,
+)
 from .cli import build_eval_parser, eval_main
 from .docvqa import anls, levenshtein
 from .gallery import compare_before_after, error_gallery
@@ -60,6 +75,7 @@ from .vqa import (
 )
 
 __all__ = [
+    "accuracy_at_iou", "box_ious", "check_box", "denormalize_box", "format_box", "mean_iou", "normalize_box", "read_box",
     "ANSWER_MARGIN", "BOX_SCALE", "Box", "CORRECT_THRESHOLD", "EvalRecord", "EvalResult", "ImageGain", "METRICS",
     "MIN_NEW_TOKENS", "MMSTAR_POST_PROMPT", "MMSTAR_REQUIRED_FIELDS", "SUBSET_METRICS", "anls", "answer_budget",
     "blank_fill", "blank_like", "box_accuracy", "box_iou", "build_eval_parser", "compare_before_after",
