@@ -928,6 +928,42 @@ def deploy_path_figure() -> Figure:
 
 
 # ----------------------------------------------------------------------------------------------
+# Lesson 09: reading and pointing
+
+
+@figure("dual_branch", "Vary-toy's two vision branches with the course's sizes: the 128 px picture shrunk to 64 px "
+                       "for the first ViT (8 x 8 patches, pixel shuffle 2, 16 tokens) and read at 128 px by the second "
+                       "(16 x 16 patches, pixel shuffle 4, 16 tokens); each has its own projector, and the two token "
+                       "runs are concatenated before the question; the answer is a word or a box written as text")
+def dual_branch_figure() -> Figure:
+    fig, ax = new_figure(10, 4.0)
+    title(ax, fig, "two vision branches (Vary-toy): the first shrunk, the second at full resolution")
+    image(ax, toy_image(128), 2.0, 12.0, 13.0, 13.0)
+    label(ax, 8.5, 9.6, "128 px picture", size=8.8)
+    rows = [("first branch (the course ViT)", "shrunk to 64 px", 8, 2, 26.0, VISION, VISION_DARK),
+            ("second branch (new)", "at 128 px", 16, 4, 5.0, PROJ, PROJ_DARK)]
+    for name, size_text, grid, r, y, fc, ec in rows:
+        arrow(ax, (15.5, 18.5), (21.0, y + 4.5))
+        label(ax, 22.0, y + 10.0, name, size=9, ha="left", weight="bold", color=ec)
+        _grid(ax, 22.0, y, 9.0, grid, fc, ec=ec, lw=0.4)
+        label(ax, 26.5, y - 1.8, f"{size_text}: {grid} × {grid} patches", size=8.3)
+        arrow(ax, (32.0, y + 4.5), (37.0, y + 4.5))
+        label(ax, 34.5, y + 6.4, f"r = {r}", size=8.3)
+        box(ax, 37.5, y + 1.5, 11.5, 6.0, "ViT + pixel\nshuffle + linear", fc=fc, ec=ec, size=8.3)
+        arrow(ax, (49.5, y + 4.5), (54.0, y + 4.5))
+        for t in range(4):
+            rect(ax, 54.5 + t * 2.2, y + 3.0, 2.0, 3.0, fc=mix(ec, 0.35), ec="white")
+        label(ax, 63.8, y + 4.5, "× 16 tokens", size=8.3, ha="left")
+    arrow(ax, (70.5, 30.5), (76.0, 22.0))
+    arrow(ax, (70.5, 9.5), (76.0, 17.0))
+    box(ax, 76.5, 14.0, 21.0, 11.0, "", fc=TEXT, ec=TEXT_DARK)
+    label(ax, 87.0, 22.4, "decoder input:", size=8.6, weight="bold")
+    label(ax, 87.0, 18.6, "16 + 16 <image> tokens,\nthen the prompt", size=8.3)
+    label(ax, 87.0, 11.0, "answers: \"lemon\"\nor \"[151, 200, 406, 455]\"", size=8.3, va="top", color=TEXT_DARK)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
 # Embedding into notebooks
 
 

@@ -8,7 +8,7 @@ Images may be given as a PIL image, a path, an (H, W, 3) array, or a (3, H, W) t
 are mapped back to [0, 1] with `mean`/`std` (SigLIP's are 0.5 and 0.5).
 
     common.py            in_live_kernel, to_image_array, showing or returning a figure
-    l01_vit_patching.py  ... l07_deployment.py: each lesson's plots. A new lesson adds its own file here.
+    l01_vit_patching.py  ... l09_reading_and_pointing.py: each lesson's plots. A new lesson adds its own file here.
 
 Everything is importable from here (`from vlm_course.viz import show_patch_grid`).
 """
@@ -37,6 +37,7 @@ from .l04_assembling import plot_embedding_rms, plot_token_sequence
 from .l05_training import plot_loss_curves, plot_nf4_levels, plot_token_labels, show_rows
 from .l06_evaluation import plot_anls_curve, plot_vqa_credit
 from .l07_deployment import plot_decode_roofline, plot_memory_budget
+from .l09_reading_and_pointing import plot_boxes, plot_reading_results, plot_resolutions
 
 __all__ = [
     "attention_explorer", "in_live_kernel", "patch_explorer", "plot_activations", "plot_anls_curve",
@@ -44,5 +45,5 @@ __all__ = [
     "plot_kv_cache_memory", "plot_loss_curves", "plot_memory_budget", "plot_nf4_levels", "plot_patch_sequence",
     "plot_pixel_shuffle", "plot_position_similarity", "plot_rope_scores", "plot_rope_tables", "plot_sampling",
     "plot_token_labels", "plot_token_sequence", "plot_tokens_vs_resolution", "plot_vqa_credit", "show_patch",
-    "show_patch_grid", "show_rows", "to_image_array",
+    "show_patch_grid", "show_rows", "to_image_array", "plot_boxes", "plot_reading_results", "plot_resolutions",
 ]
