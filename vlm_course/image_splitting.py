@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from PIL import Image
 
 # Idefics3's markers. transformers' Idefics3Processor adds <fake_token_around_image> and <image> to the tokenizer;
-# <global-img> and <row_i_col_j> are single tokens in SmolVLM's tokenizer (`row_col_tokens`).
+# <global-img> is one token in SmolVLM's tokenizer, and Idefics3Processor looks <row_i_col_j> up as one (`row_col_tokens`).
 FAKE_IMAGE_TOKEN, IMAGE_TOKEN, GLOBAL_IMAGE_TAG = "<fake_token_around_image>", "<image>", "<global-img>"
 # transformers caps the resized image at 4k on its longest side (image_processing_idefics3.MAX_IMAGE_SIZE).
 MAX_IMAGE_SIZE = 4096
-# SmolVLM's tokenizer holds <row_i_col_j> for a grid of up to 6 x 6 tiles.
-SMOLVLM_MAX_GRID_SIDE = 6
+# Idefics3Processor looks up the <row_i_col_j> ids (its row_col_ids) for grids of up to 6 x 6 tiles.
+IDEFICS3_MAX_GRID_SIDE = 6
 
 
 @dataclass
@@ -149,8 +149,8 @@ def row_col_token(row: int, col: int) -> str:
     return f"<row_{row}_col_{col}>"
 
 
-def row_col_tokens(max_side: int = SMOLVLM_MAX_GRID_SIDE) -> list[str]:
-    """Every tile marker of a grid up to max_side x max_side, row by row (SmolVLM's tokenizer holds them for 6 x 6),
+def row_col_tokens(max_side: int = IDEFICS3_MAX_GRID_SIDE) -> list[str]:
+    """Every tile marker of a grid up to max_side x max_side, row by row (Idefics3Processor looks them up for 6 x 6),
     to add to a tokenizer so each marker is one token."""
     return [row_col_token(r + 1, c + 1) for r in range(max_side) for c in range(max_side)]
 
