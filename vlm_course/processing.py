@@ -38,7 +38,7 @@ IGNORE_INDEX = -100  # cross-entropy skips these label positions
 # <fake_token_around_image><global-img><image>...<image><fake_token_around_image>. transformers' Idefics3Processor
 # adds the first three of these special tokens to its tokenizer, in this order; <global-img> is one token in SmolVLM's
 # tokenizer, and llama.cpp's multimodal tool looks it up as one, so the course adds it too. Split images
-# (VLMConfig.image_splitting) add the <row_i_col_j> tile markers as well, single tokens as in SmolVLM's tokenizer.
+# (VLMConfig.image_splitting) add the <row_i_col_j> tile markers too: Idefics3Processor looks them up as single tokens.
 END_OF_UTTERANCE = "<end_of_utterance>"
 IDEFICS3_SPECIAL_TOKENS = (FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE, GLOBAL_IMAGE_TAG)
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -203,7 +203,7 @@ class VLMProcessor:
             # As Idefics3Processor does, so the ids agree with the tokenizer transformers loads.
             tokenizer.add_special_tokens({"additional_special_tokens": list(IDEFICS3_SPECIAL_TOKENS)})
         if config.image_splitting:
-            # one token per tile marker, for every grid the longest edge allows (at least SmolVLM's 6 x 6)
+            # one token per tile marker, for every grid the longest edge allows (at least the 6 x 6 Idefics3Processor knows)
             side = max(6, -(-config.image_longest_edge // config.vision.image_size))
             markers = [t for t in row_col_tokens(side) if t not in tokenizer.get_vocab()]
             tokenizer.add_tokens(markers, special_tokens=True)  # never split by BPE, skipped when decoding
