@@ -320,6 +320,13 @@ def test_save_idefics3_round_trip_with_splitting(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(ours["input_ids"], ours["pixel_values"]).logits, hf_model(**theirs).logits,
                                    atol=LOGIT_ATOL, rtol=0)
+    # greedy decoding with the KV cache: the same tokens (up to and including <|im_end|> if it comes)
+    hf_new = hf_model.generate(**theirs, max_new_tokens=6, do_sample=False)[0, theirs["input_ids"].shape[1]:].tolist()
+    our_new = model.generate(ours["input_ids"], ours["pixel_values"], ours["attention_mask"], max_new_tokens=6,
+                             eos_token_id=processor.eos_token_id)[0].tolist()
+    if processor.eos_token_id in hf_new:
+        hf_new = hf_new[:hf_new.index(processor.eos_token_id) + 1]
+    assert our_new == hf_new
     again = VisionLanguageModel.from_idefics3(folder)
     assert (again.config.image_splitting, again.config.image_longest_edge) == (True, 128)
     assert VLMProcessor.from_config(again.config)([image], [QUESTION])["input_ids"].tolist() == ours["input_ids"].tolist()
