@@ -31,7 +31,7 @@ from vlm_course.grading.sync import (
 REPO = Path(__file__).resolve().parent.parent
 FIGURES_DIR = REPO / "docs" / "figures"
 # Lessons whose plotting cells all keep their figure in solutions/ (widgets, which need a live kernel, draw nothing).
-LESSONS_WITH_FIGURE_OUTPUTS = ("00", "01", "02", "03", "04", "05", "06", "07")
+LESSONS_WITH_FIGURE_OUTPUTS = ("00", "01", "02", "03", "04", "05", "06", "07", "08")
 PLOTTING_CELL = re.compile(r"^(?!#).*\b(viz\.(plot_|show_)\w+|error_gallery)\(", re.M)
 
 

@@ -19,7 +19,7 @@ import pytest
 from vlm_course.grading.sync import BEGIN, END, HINT, lesson_from_solution
 
 REPO = Path(__file__).resolve().parent.parent
-LESSONS_WITH_HELP = ("01", "02", "03", "04", "05", "06", "07", "09")
+LESSONS_WITH_HELP = ("01", "02", "03", "04", "05", "06", "07", "08", "09")
 META = re.compile(r"^\*\*Exercise [^*]+\*\*: .+\n\nDifficulty: [🔴⚪]{5} · Importance: [🔵⚪]{5} · ~\d+ min$", re.M)
 SOLUTION = re.compile(r"<details><summary>Solution</summary>\n\n```python\n(.*?)\n```\n\n</details>", re.S)
 

@@ -964,6 +964,129 @@ def dual_branch_figure() -> Figure:
 
 
 # ----------------------------------------------------------------------------------------------
+# Lesson 08: the design space
+
+
+@figure("part_registry", "The parts registry: a config names each part by kind (vision.kind, projector.kind, "
+                         "decoder.kind, fusion.kind); the registry maps each name to the class a decorator registered; "
+                         "the model builds every part from it, so a new kind is one new file with one decorator")
+def part_registry_figure() -> Figure:
+    fig, ax = new_figure(10, 3.6)
+    title(ax, fig, "swap a part by adding one file: a config names kinds, the registry builds them")
+    rows = [("vision.kind", '"siglip"', "VisionEncoder", VISION, VISION_DARK),
+            ("projector.kind", '"linear" | "mlp" | "perceiver"', "LinearConnector, MLPConnector, ...", PROJ, PROJ_DARK),
+            ("decoder.kind", '"llama"', "Decoder", TEXT, TEXT_DARK),
+            ("fusion.kind", '"autoregressive" | "cross_attention"', "AutoregressiveFusion, ...", GREY, GREY_DARK)]
+    label(ax, 12.0, 29.5, "VLMConfig", size=10, weight="bold")
+    label(ax, 45.0, 29.5, "registry: name -> class", size=10, weight="bold")
+    label(ax, 81.0, 29.5, "VisionLanguageModel(config)", size=10, weight="bold")
+    for k, (field_name, kinds, cls, fc, ec) in enumerate(rows):
+        y = 21.5 - k * 6.0
+        box(ax, 2, y, 21, 4.6, f"{field_name} = ...", fc=fc, ec=ec, size=8.6)
+        arrow(ax, (23.4, y + 2.3), (27.8, y + 2.3))
+        box(ax, 28, y, 35, 4.6, f"{kinds}\n{cls}", fc="white", ec=ec, size=7.8)
+        arrow(ax, (63.4, y + 2.3), (67.8, y + 2.3))
+        box(ax, 68, y, 26, 4.6, ["model.vision", "model.projector", "model.decoder", "model.fusion"][k], fc=fc, ec=ec,
+            size=8.6)
+    label(ax, 45.0, 1.8, '@register_connector("my_kind")  class MyConnector(nn.Module): ...   then   '
+          'ProjectorConfig(kind="my_kind")', size=8.6, color=PROJ_DARK, family="DejaVu Sans Mono")
+    return fig
+
+
+def _tokens(ax, x, y, n, w, h, fc, ec, gap=0.3):
+    for i in range(n):
+        rect(ax, x + i * (w + gap), y, w, h, fc=fc, ec=ec, lw=0.8)
+
+
+@figure("connectors", "Three connectors on one 8 x 8 grid of patches: linear after a pixel shuffle by 2 (16 tokens, "
+                      "nanoVLM and Idefics3), the same with Linear-GELU-Linear (LLaVA-1.5), and a perceiver "
+                      "resampler whose 8 learned queries cross-attend to all 64 patches and the queries (8 tokens, "
+                      "Idefics2: 64 from 729)")
+def connectors_figure() -> Figure:
+    fig, ax = new_figure(10, 4.4)
+    title(ax, fig, "three connectors: how many tokens an image costs the decoder")
+    _grid(ax, 2.5, 10.0, 16.0, 8, VISION, ec=VISION_DARK, lw=0.5)
+    label(ax, 10.5, 7.5, "8 × 8 = 64 patches\n(the ViT's output)", size=8.6)
+    rows = [("linear (nanoVLM, Idefics3)", "pixel shuffle r = 2 → Linear", 16, 31.5),
+            ("mlp (LLaVA-1.5, TinyLLaVA)", "pixel shuffle r = 2 → Linear · GELU · Linear", 16, 21.0),
+            ("perceiver (Idefics2, Flamingo)", "8 learned queries attend to [patches; queries], ×L", 8, 10.5)]
+    for name, how, n, y in rows:
+        arrow(ax, (19.5, 18.0), (27.5, y + 2.0), color=GREY_DARK, lw=1.1)
+        box(ax, 28, y, 30, 5.0, "", fc=PROJ, ec=PROJ_DARK)
+        label(ax, 43, y + 3.3, name, size=8.6, weight="bold")
+        label(ax, 43, y + 1.4, how, size=7.6)
+        arrow(ax, (58.4, y + 2.5), (61.5, y + 2.5))
+        _tokens(ax, 62, y + 1.0, n, 1.55, 3.0, mix(TEXT_DARK, 0.4), TEXT_DARK)
+        label(ax, 62 + n * 1.85 + 0.8, y + 2.5, f"{n}", size=9, weight="bold", ha="left")
+    label(ax, 75, 5.0, "tokens = patches / r² for a pixel shuffle,\nnum_queries for a resampler (any image size)",
+          size=8.4, color=PROJ_DARK)
+    return fig
+
+
+@figure("fusion", "Two ways to fuse: fully autoregressive writes the image tokens into the decoder's input next to "
+                  "the text; cross-attention leaves one marker in the text and inserts gated blocks before some "
+                  "decoder layers, where the text attends to the image tokens through tanh gates that start at 0")
+def fusion_figure() -> Figure:
+    fig, ax = new_figure(10, 4.6)
+    title(ax, fig, "fully autoregressive (left) vs gated cross-attention (right)")
+    # left: image tokens in the sequence
+    label(ax, 23, 39.5, "image tokens in the decoder's input", size=9.5, weight="bold")
+    for k in range(3):
+        box(ax, 4, 8 + k * 9.0, 38, 6.0, f"decoder layer {k + 1}", fc=TEXT, ec=TEXT_DARK, size=8.6)
+    _tokens(ax, 4, 2.0, 6, 2.6, 3.0, mix(PROJ_DARK, 0.3), PROJ_DARK)
+    _tokens(ax, 22, 2.0, 7, 2.6, 3.0, mix(TEXT_DARK, 0.45), TEXT_DARK)
+    label(ax, 11.5, 0.8, "image tokens", size=7.6, color=PROJ_DARK)
+    label(ax, 31, 0.8, "text tokens", size=7.6, color=TEXT_DARK)
+    label(ax, 23, 36.0, "every image token pays every layer", size=8.2, color=GREY_DARK)
+    ax.plot([49, 49], [2, 40], color=GREY, lw=1.0)
+    # right: blocks between layers
+    label(ax, 75, 39.5, "one marker in the text; blocks read the image", size=9.5, weight="bold")
+    for k in range(3):
+        y = 6.5 + k * 10.0
+        box(ax, 56, y, 28, 4.2, f"decoder layer {k + 1}", fc=TEXT, ec=TEXT_DARK, size=8.2)
+        box(ax, 56, y + 4.6, 28, 4.2, "gated cross-attention", fc=PROJ, ec=PROJ_DARK, size=8.0)
+        arrow(ax, (91.5, y + 6.7), (84.5, y + 6.7), color=PROJ_DARK, lw=1.0, scale=8)
+    _tokens(ax, 92, 12.0, 3, 1.8, 14.0, mix(PROJ_DARK, 0.3), PROJ_DARK)
+    label(ax, 95, 9.5, "image\ntokens", size=7.6, color=PROJ_DARK)
+    _tokens(ax, 56, 2.0, 1, 2.6, 3.0, mix(PROJ_DARK, 0.3), PROJ_DARK)
+    _tokens(ax, 59.3, 2.0, 7, 2.6, 3.0, mix(TEXT_DARK, 0.45), TEXT_DARK)
+    label(ax, 70, 0.8, "marker + text tokens", size=7.6, color=TEXT_DARK)
+    label(ax, 75, 36.0, "x + tanh(α)·XAttn(x, image), α = 0 at the start", size=8.2, color=GREY_DARK)
+    return fig
+
+
+@figure("image_splitting", "Image splitting as Idefics3 and SmolVLM do it: a wide image resized and cut into 2 x 3 "
+                           "tiles of the encoder's size plus a downscaled global view; in the prompt each tile's image "
+                           "tokens follow its <row_i_col_j> marker, rows end with a newline, and the global view "
+                           "comes last after a blank line")
+def image_splitting_figure() -> Figure:
+    fig, ax = new_figure(10, 3.6)
+    title(ax, fig, "image splitting: tiles at the encoder's size, plus the whole image downscaled")
+    picture = np.repeat(toy_image(64), 3, axis=1)[:, ::2]  # a wide picture, 64 x 96
+    image(ax, picture, 2.0, 9.0, 24.0, 16.0)
+    label(ax, 14.0, 27.0, "a wide image", size=8.6)
+    arrow(ax, (27.5, 17.0), (32.0, 17.0))
+    tile = 7.6
+    for r in range(2):
+        for c in range(3):
+            x, y = 33.0 + c * (tile + 0.8), 17.4 - r * (tile + 0.8)
+            image(ax, picture[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32], x, y, tile, tile)
+            label(ax, x + tile / 2, y + tile + 0.9 if r == 0 else y - 0.9, f"<row_{r + 1}_col_{c + 1}>", size=6.6,
+                  color=VISION_DARK)
+    image(ax, toy_image(64), 61.0, 13.0, tile, tile)
+    label(ax, 61.0 + tile / 2, 11.9, "<global-img>", size=6.8, color=VISION_DARK)
+    label(ax, 73.0, 17.0, "6 tiles + 1 global view\n= 7 views, each its\nown run of image tokens", size=8.4, ha="left")
+    lines = ["<fake><row_1_col_1><image>×n<fake><row_1_col_2><image>×n<fake><row_1_col_3><image>×n\\n",
+             "<fake><row_2_col_1><image>×n<fake><row_2_col_2><image>×n<fake><row_2_col_3><image>×n\\n",
+             "\\n<fake><global-img><image>×n<fake>"]
+    for k, line in enumerate(lines):
+        label(ax, 2.0, 4.7 - k * 1.9, line, size=7.2, ha="left", family="DejaVu Sans Mono", color=PROJ_DARK)
+    label(ax, 2.0, 6.9, "the prompt, as transformers' Idefics3Processor writes it (<fake> is <fake_token_around_image>):",
+          size=8.2, ha="left")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
 # Embedding into notebooks
 
 

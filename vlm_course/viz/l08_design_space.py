@@ -1,0 +1,56 @@
+"""Lesson 08, the design space: what each design costs, and what each learned in the same short run."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .common import _finish
+
+
+def plot_design_costs(rows: list[dict], show: bool = True):
+    """Per design: image tokens in the decoder's input, and the FLOPs one image adds (connector + fusion).
+
+    rows: [{"name", "decoder_tokens", "connector_flops", "fusion_flops"}, ...] as the lesson builds them from
+    `connector_cost` and `fusion_cost`."""
+    names = [r["name"] for r in rows]
+    y = np.arange(len(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.55 * len(rows) + 1.6), sharey=True)
+    left.barh(y, [r["decoder_tokens"] for r in rows], color="#c8671a")
+    for k, r in enumerate(rows):
+        left.text(r["decoder_tokens"], k, f" {r['decoder_tokens']}", va="center", fontsize=9)
+    left.set_yticks(y, names)
+    left.invert_yaxis()
+    left.set_xlabel("image tokens in the decoder's input")
+    connector = np.array([r["connector_flops"] or 0 for r in rows], dtype=float) / 1e6
+    fusion = np.array([r["fusion_flops"] or 0 for r in rows], dtype=float) / 1e6
+    right.barh(y, connector, color="#3d6fb0", label="connector")
+    right.barh(y, fusion, left=connector, color="#3a8a46", label="decoder / fusion")
+    right.set_xlabel("MFLOPs one image adds (matmuls)")
+    right.legend(loc="lower right", fontsize=8)
+    fig.suptitle("what each design costs per image")
+    fig.tight_layout()
+    return _finish(fig, show)
+
+
+def plot_design_results(results: list[dict], show: bool = True):
+    """Per design, after the same short training: held-out answer loss with the right image and with another
+    scene's image (the gap is what the image is worth), and the step time.
+
+    results: [{"name", "eval_loss", "other_image_loss", "seconds_per_step"}, ...]."""
+    names = [r["name"] for r in results]
+    y = np.arange(len(results))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.55 * len(results) + 1.6), sharey=True,
+                                      gridspec_kw={"width_ratios": [1.6, 1]})
+    left.barh(y - 0.2, [r["eval_loss"] for r in results], height=0.4, color="#3a8a46", label="right image")
+    left.barh(y + 0.2, [r["other_image_loss"] for r in results], height=0.4, color="#bbbbbb",
+              label="another scene's image")
+    left.set_yticks(y, names)
+    left.invert_yaxis()
+    left.set_xlabel("held-out answer loss (lower is better)")
+    left.legend(loc="lower right", fontsize=8)
+    right.barh(y, [r["seconds_per_step"] for r in results], color="#c8671a")
+    right.set_xlabel("seconds per training step")
+    fig.suptitle("the same data, steps and recipe: what each design learned")
+    fig.tight_layout()
+    return _finish(fig, show)
