@@ -15,14 +15,19 @@ export VLM_COURSE_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export MPLBACKEND := Agg
 
-.PHONY: setup demo test test-lib test-exercises test-lessons-fail test-notebooks test-browser lint lessons lessons-check doctor clean
+.PHONY: setup llama-cpp demo test test-lib test-exercises test-lessons-fail test-notebooks test-browser lint lessons lessons-check doctor clean
 
 # Debian's Chromium, for the browser test of the instructor panel (test-browser); Playwright drives this binary and
 # never downloads a browser of its own. Elsewhere point it at an installed Chromium: make test CHROMIUM=/path/to/it
 CHROMIUM ?= /usr/bin/chromium
 SUDO     := $(if $(filter 0,$(shell id -u)),,sudo)
 
-setup: $(VENV)/.setup-done $(CHROMIUM)
+setup: $(VENV)/.setup-done $(CHROMIUM) llama-cpp
+
+# llama.cpp's multimodal CLI (llama-mtmd-cli) and llama-quantize, CPU only, built once per machine from
+# llama-cpp-python's source distribution into ~/.cache/vlm_course/llama.cpp-<version>/ (~0 s when already built).
+llama-cpp: $(VENV)/.setup-done
+	$(BIN)/python vlm_course/deploy/llama_cpp_build.py --jobs 2 --nice 10
 
 # Skipped when the binary is there (make only builds a missing file).
 $(CHROMIUM):

@@ -9,7 +9,8 @@
     runtime.py      templates/run.py (the bundle's runtime, no torch) loaded as a module, for tests and reports
     report.py       `python -m vlm_course.deploy.report`: build a bundle and print every round-trip figure
 
-Command line: `python -m vlm_course export --model DIR --out BUNDLE [--int8] [--gguf | --no-gguf]`.
+Command line: `python -m vlm_course export --model DIR --out BUNDLE [--int8] [--gguf | --no-gguf]`;
+`--format llama.cpp` writes llama.cpp's text + mmproj GGUF pair instead (llama_cpp.py).
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ def build_export_parser() -> argparse.ArgumentParser:
         "model.safetensors), e.g. <train output>/model",
     )
     parser.add_argument("--out", required=True, help="bundle folder to create")
+    parser.add_argument(
+        "--format",
+        choices=["bundle", "llama.cpp"],
+        default="bundle",
+        help="bundle: ONNX + run.py (the options below); llama.cpp: text + mmproj GGUF (f16, q8_0) made by "
+        "llama.cpp's converter, for llama-mtmd-cli, with a Jetson README (--model may be an Idefics3 save)",
+    )
     parser.add_argument("--int8", action="store_true", help="also write int8 graphs")
     parser.add_argument(
         "--int8-scheme",
@@ -101,6 +109,16 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv=None) -> int:
     args = build_export_parser().parse_args(argv)
+    if args.format == "llama.cpp":
+        from .llama_cpp import export_llama_cpp
+
+        try:
+            out = export_llama_cpp(args.model, args.out, overwrite=args.overwrite)
+        except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {out}; see {out}/README.md for llama-mtmd-cli on a Jetson Orin Nano")
+        return 0
     try:
         out = build_bundle(
             args.model,

@@ -1,0 +1,87 @@
+"""The course model in llama.cpp against PyTorch: answer agreement per subset, and TTFT / decode speed.
+
+    nice -n 10 .venv/bin/python benchmarks/bench_llama_cpp.py [--folder IDEFICS3_DIR] [--per-subset 50]
+
+Without --folder it builds the `smol` profile model in Idefics3's layout (the course's ViT + the real
+SmolLM2-135M-Instruct; the projector is fresh, seed 0, so the answers test the runtime, not the model's skill)
+and saves it with save_idefics3 into --work. Any saved Idefics3 folder can be measured the same way, e.g. a
+trained idefics3-layout model. Needs llama.cpp built by `make setup`.
+
+Prints, per weight type (f16, q8_0): agreement of greedy answers with `vlm_course.vlm.answer` on the prompt llama.cpp
+builds (`LlamaCppLayout`), on the first N held-out questions (test split) of each subset; then the median
+time-to-first-token and decode tokens/s of single-turn CLI runs beside the decode roofline at this machine's
+measured bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from vlm_course.data import load_mini_cauldron
+from vlm_course.deploy import llama_cpp
+from vlm_course.deploy.budget import measure_memory_bandwidth
+from vlm_course.processing import VLMProcessor
+from vlm_course.vlm import VisionLanguageModel
+
+
+def smol_idefics3(folder: Path) -> Path:
+    if (folder / "config.json").exists():
+        return folder
+    torch.manual_seed(0)
+    model = VisionLanguageModel.from_profile("smol")
+    model.config.image_layout = "idefics3"
+    processor = VLMProcessor.from_config(model.config)
+    model.resize_vocabulary(len(processor.tokenizer)).eval()
+    return model.save_idefics3(folder, processor)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--folder", help="a saved Idefics3 folder (default: the smol profile model, saved in --work)")
+    parser.add_argument("--work", default="/tmp/vlm_course_llama_cpp", help="where the GGUF files go")
+    parser.add_argument("--subsets", default="shapes,count,position")
+    parser.add_argument("--per-subset", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--speed-runs", type=int, default=5)
+    parser.add_argument("--types", default="f16,q8_0")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    work = Path(args.work)
+    folder = Path(args.folder) if args.folder else smol_idefics3(work / "smol-idefics3")
+    started = time.monotonic()
+    pairs = [llama_cpp.convert_idefics3(folder, work / "gguf", t) for t in args.types.split(",")]
+    print(f"converted {args.types} in {time.monotonic() - started:.0f} s: "
+          + ", ".join(f"{p.outtype} text {p.sizes_mb()[0]:.0f} MB + mmproj {p.sizes_mb()[1]:.1f} MB" for p in pairs))
+
+    rows = load_mini_cauldron("test", subsets=args.subsets.split(","), max_per_subset=args.per_subset, verbose=False)
+    model = VisionLanguageModel.from_idefics3(folder)
+    started = time.monotonic()
+    results = llama_cpp.compare_answers(folder, pairs, rows, args.max_new_tokens, model=model)
+    print(f"\nagreement of greedy answers ({args.max_new_tokens} new tokens at most), {time.monotonic() - started:.0f} s")
+    print("| subset | " + " | ".join(p.outtype for p in pairs) + " |")
+    print("|---|" + "---|" * len(pairs))
+    for subset in dict.fromkeys(r.subset for r in results):
+        cells = [next(r for r in results if r.subset == subset and r.outtype == p.outtype) for p in pairs]
+        print(f"| {subset} | " + " | ".join(f"{c.same}/{c.total} ({c.rate:.0%})" for c in cells) + " |")
+    for r in results:
+        for question, ours, theirs in r.examples[:2] + [e for e in r.examples if e[1] != e[2]][:2]:
+            print(f"  {r.outtype} {r.subset}: {question!r} torch={ours!r} llama.cpp={theirs!r}")
+
+    bandwidth = measure_memory_bandwidth()
+    images = [row["images"][0] for row in rows[: args.speed_runs]]
+    print(f"\nspeed (single-turn runs, 1 thread, median of {len(images)}; bandwidth {bandwidth / 1e9:.1f} GB/s "
+          "measured by torch copy)")
+    for pair in pairs:
+        report = llama_cpp.measure_speed(pair, model.config, images, rows[0]["texts"][0]["user"], bandwidth,
+                                         max_new_tokens=32)
+        print(report.line())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
