@@ -596,3 +596,29 @@ def test_demo_layout_bundle_generates_pytorch_tokens(tmp_path):
             np.testing.assert_allclose(runner.encode_images(pixels.numpy()), model.encode_images(pixels).numpy(),
                                        atol=1e-4)  # count tokens included: the same tallies in the graph
         assert runner.generate_ids([image], QUESTION, max_new_tokens=12) == torch_greedy(model, processor, image)
+
+
+def test_bundle_refuses_what_its_graphs_cannot_carry(tmp_path):
+    """Image splitting, a second vision branch and cross-attention fusion each need more than the bundle's three
+    graphs and fixed image block: build_bundle says so (and what to do) before writing anything."""
+    import dataclasses
+
+    from vlm_course.config import FusionConfig, HighResConfig
+    from vlm_course.deploy.bundle import bundle_problems
+
+    base = get_profile("tiny").config
+    assert bundle_problems(base) == []
+    cases = {
+        "image splitting": dataclasses.replace(base, image_layout="idefics3", image_splitting=True,
+                                               projector=dataclasses.replace(base.projector, tokens_per_block=1,
+                                                                             count_labels=())),
+        "high-resolution": dataclasses.replace(base, high_res=HighResConfig()),
+        "cross_attention": dataclasses.replace(base, fusion=FusionConfig(kind="cross_attention")),
+    }
+    for needle, config in cases.items():
+        problems = bundle_problems(config)
+        assert len(problems) == 1 and needle in problems[0], (needle, problems)
+    model = VisionLanguageModel(cases["cross_attention"])
+    with pytest.raises(ValueError, match="cannot be bundled yet.*fusion kind"):
+        build_bundle(model, tmp_path / "bundle", gguf=False)
+    assert not (tmp_path / "bundle").exists()

@@ -247,6 +247,23 @@ def _readme(model, files: dict, parity: dict, gguf_file: str | None, name: str, 
     return text
 
 
+def bundle_problems(config) -> list[str]:
+    """What in a model's config the bundle cannot carry, each with what to do instead ([] when it can)."""
+    problems = []
+    if getattr(config, "image_splitting", False):
+        problems.append("image splitting (config.image_splitting): the bundle's run.py writes one fixed image block per "
+                        "image, not a tile grid; bundle a model trained without splitting, or export it with "
+                        "save_idefics3 and run it in llama.cpp (python -m vlm_course export --format llama.cpp)")
+    if getattr(config, "high_res", None) is not None:
+        problems.append("a second, high-resolution vision branch (config.high_res): the image-encoder graph holds one "
+                        "branch; bundle a single-branch model")
+    fusion = getattr(getattr(config, "fusion", None), "kind", "autoregressive")
+    if fusion != "autoregressive":
+        problems.append(f"fusion kind {fusion!r}: the decoder graph reads image tokens in its input sequence only "
+                        "(fusion.kind='autoregressive')")
+    return problems
+
+
 def build_bundle(
     model_dir_or_model,
     out_dir,
@@ -277,6 +294,9 @@ def build_bundle(
     source = None if isinstance(model_dir_or_model, nn.Module) else Path(model_dir_or_model)
     check_bundle_target(out_dir, overwrite, source)  # before any work: nothing is lost, nothing wasted
     model = load_model_for_export(model_dir_or_model)
+    problems = bundle_problems(model.config)
+    if problems:
+        raise ValueError("this model cannot be bundled yet: " + "; ".join(problems))
     from ..weights import tokenizer_problem
 
     if tokenizer_problem(model.config.tokenizer):
