@@ -1,6 +1,7 @@
 """The course model in llama.cpp against PyTorch: answer agreement per subset, and TTFT / decode speed.
 
     nice -n 10 .venv/bin/python benchmarks/bench_llama_cpp.py [--folder IDEFICS3_DIR] [--per-subset 50]
+    nice -n 10 .venv/bin/python benchmarks/bench_llama_cpp.py --types f16 --quantize Q4_0 --only-quantized
 
 Without --folder it builds the `smol` profile model in Idefics3's layout (the course's ViT + the real
 SmolLM2-135M-Instruct; the projector is fresh, seed 0, so the answers test the runtime, not the model's skill)
@@ -48,14 +49,19 @@ def main(argv=None) -> int:
     parser.add_argument("--per-subset", type=int, default=50)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--speed-runs", type=int, default=5)
-    parser.add_argument("--types", default="f16,q8_0")
+    parser.add_argument("--types", default="f16,q8_0", help="what convert_hf_to_gguf.py writes")
+    parser.add_argument("--quantize", default="", help="also llama-quantize the first type's text model, e.g. Q4_0")
+    parser.add_argument("--only-quantized", action="store_true", help="measure only the --quantize pairs")
+    parser.add_argument("--no-speed", action="store_true", help="skip the timed single-turn runs")
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     work = Path(args.work)
     folder = Path(args.folder) if args.folder else smol_idefics3(work / "smol-idefics3")
     started = time.monotonic()
     pairs = [llama_cpp.convert_idefics3(folder, work / "gguf", t) for t in args.types.split(",")]
-    print(f"converted {args.types} in {time.monotonic() - started:.0f} s: "
+    quantized = [llama_cpp.quantize_text(pairs[0], q) for q in args.quantize.split(",") if q]
+    pairs = quantized if args.only_quantized else pairs + quantized
+    print(f"converted in {time.monotonic() - started:.0f} s: "
           + ", ".join(f"{p.outtype} text {p.sizes_mb()[0]:.0f} MB + mmproj {p.sizes_mb()[1]:.1f} MB" for p in pairs))
 
     rows = load_mini_cauldron("test", subsets=args.subsets.split(","), max_per_subset=args.per_subset, verbose=False)
@@ -72,6 +78,8 @@ def main(argv=None) -> int:
         for question, ours, theirs in r.examples[:2] + [e for e in r.examples if e[1] != e[2]][:2]:
             print(f"  {r.outtype} {r.subset}: {question!r} torch={ours!r} llama.cpp={theirs!r}")
 
+    if args.no_speed:
+        return 0
     bandwidth = measure_memory_bandwidth()
     images = [row["images"][0] for row in rows[: args.speed_runs]]
     print(f"\nspeed (single-turn runs, 1 thread, median of {len(images)}; bandwidth {bandwidth / 1e9:.1f} GB/s "

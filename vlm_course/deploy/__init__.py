@@ -8,6 +8,8 @@
     bundle.py       the bundle folder: model files, tokenizer, run.py, benchmark.py, README, manifest
     runtime.py      templates/run.py (the bundle's runtime, no torch) loaded as a module, for tests and reports
     report.py       `python -m vlm_course.deploy.report`: build a bundle and print every round-trip figure
+    llama_cpp.py    an Idefics3 save as llama.cpp's text + mmproj GGUF pair, run by llama-mtmd-cli, vs PyTorch
+    llama_cpp_build.py  builds llama-mtmd-cli once per machine from llama-cpp-python's sdist (make setup)
 
 Command line: `python -m vlm_course export --model DIR --out BUNDLE [--int8] [--gguf | --no-gguf]`;
 `--format llama.cpp` writes llama.cpp's text + mmproj GGUF pair instead (llama_cpp.py).
