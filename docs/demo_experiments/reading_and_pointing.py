@@ -5,6 +5,8 @@
     .venv/bin/python docs/demo_experiments/reading_and_pointing.py --variant dual --time-steps 3   # seconds per step
     .venv/bin/python docs/demo_experiments/reading_and_pointing.py --profile tiny --steps 2 --train-per-task 4 \\
         --eval-per-task 2 --variant dual --out /tmp/reading                                          # smoke run
+    .venv/bin/python docs/demo_experiments/reading_and_pointing.py --variant dual --vision-stage-steps 120 \
+        --out runs/reading                                          # Vary's first stage, then the same QLoRA run
 
 Both variants train the same recipe for the same steps on the same 128 px rows; they differ only in the image side:
 
@@ -17,6 +19,12 @@ grounding scenes with the detection prompt, and the mini-cauldron's shapes and p
 128 px by the generator (seed 0). The decoder trains with QLoRA as in the demo (`demo.train_config`'s settings),
 the ViTs and projectors fully. Held out (seed 1): OCR scored by ANLS, grounding by Acc@0.5 and mean IoU, each with the
 right image and with another scene's (`with_other_images`). Writes <out>/<variant>.json and prints it.
+
+With --vision-stage-steps N (dual only), Vary's first stage runs before the QLoRA stage
+(`vlm_course.vision_vocabulary`): the second branch alone learns to emit the decoder's own word embeddings (an OCR
+picture's tokens are its answer's token ids, a scene's blocks the colour word of the object centred there), its
+projector is then solved by least squares, and the branch stays frozen in the QLoRA stage, as Vary freezes its new
+vocabulary. The run is written as <variant>-vocab.json.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from vlm_course.dual_vision import add_high_res_branch, token_budget
 from vlm_course.evaluation import accuracy_at_iou, anls, evaluate, mean_iou, with_other_images
 from vlm_course.processing import VLMProcessor
 from vlm_course.training import TrainConfig, Trainer
+from vlm_course.vision_vocabulary import VocabularyConfig, train_vision_vocabulary
 from vlm_course.vlm import VisionLanguageModel
 
 IMAGE_SIZE = 128  # every picture is drawn at the high-resolution branch's size; the single branch sees it shrunk
@@ -108,7 +117,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="runs/reading")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--vision-stage-steps", type=int, default=0,
+                        help="> 0 (dual only): Vary's vision-vocabulary stage first, this many steps")
+    parser.add_argument("--vision-stage-batch-size", type=int, default=VocabularyConfig.batch_size)
+    parser.add_argument("--vision-stage-ocr", type=int, default=VocabularyConfig.ocr_images)
+    parser.add_argument("--vision-stage-scenes", type=int, default=VocabularyConfig.scene_images)
+    parser.add_argument("--vision-stage-held-out", type=int, default=VocabularyConfig.held_out)
     args = parser.parse_args(argv)
+    if args.vision_stage_steps and args.variant != "dual":
+        parser.error("--vision-stage-steps trains the second branch: use it with --variant dual")
+    name = args.variant + ("-vocab" if args.vision_stage_steps else "")
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,8 +137,19 @@ def main(argv=None) -> dict:
     test_rows = task_rows(1, args.eval_per_task, args.eval_per_task, 0)
     if args.time_steps:
         args.steps = args.time_steps
-    cfg = train_config(args, out / f"train-{args.variant}")
+    stage = None
+    if args.vision_stage_steps:
+        stage_cfg = VocabularyConfig(steps=args.vision_stage_steps, batch_size=args.vision_stage_batch_size,
+                                     ocr_images=args.vision_stage_ocr, scene_images=args.vision_stage_scenes,
+                                     held_out=args.vision_stage_held_out)
+        stage = train_vision_vocabulary(model, processor, stage_cfg, log_every=args.log_every)
+        print(json.dumps({k: v for k, v in stage.items() if k != "loss_history"}), flush=True)
+    cfg = train_config(args, out / f"train-{name}")
     trainer = Trainer(model, processor, train_rows, cfg)
+    if stage is not None:
+        # the learnt vocabulary stays as it is (Vary freezes it): without a gradient AdamW leaves these weights alone
+        for p in [*model.vision.high.parameters(), *model.projector.high.parameters()]:
+            p.requires_grad_(False)
     load = os.getloadavg()
     t0, cpu0 = time.perf_counter(), time.process_time()
     trainer.fit()
@@ -128,13 +157,18 @@ def main(argv=None) -> dict:
     # CPU seconds of this process: on a shared machine the wall time stretches, this does not (much)
     train_cpu_seconds = time.process_time() - cpu0
     seconds = [r["seconds"] for r in trainer.history["train"]]
-    report = {"variant": args.variant, "profile": args.profile, "steps": args.steps, "batch_size": args.batch_size,
+    report = {"variant": name, "profile": args.profile, "steps": args.steps, "batch_size": args.batch_size,
               "train_rows": len(train_rows), "token_budget": token_budget(model.config),
               "train_seconds": round(train_seconds, 1), "seconds_per_step": round(train_seconds / max(1, args.steps), 2),
               "train_cpu_seconds": round(train_cpu_seconds, 1),
               "cpu_seconds_per_step": round(train_cpu_seconds / max(1, args.steps), 2),
               "threads": torch.get_num_threads(), "load_average_at_start": [round(x, 2) for x in load],
               "final_loss": trainer.history["train"][-1]["loss"] if seconds else None}
+    if args.variant == "dual":  # what the QLoRA stage trained of the second branch (0 after the vision stage)
+        report["high_branch_trainable"] = sum(p.numel() for m in (model.vision.high, model.projector.high)
+                                              for p in m.parameters() if p.requires_grad)
+    if stage is not None:
+        report["vision_stage"] = {**vars(stage_cfg), **stage}
     if not args.time_steps:
         model.eval()
         right = scores(model, processor, test_rows, args.eval_batch_size)
@@ -143,7 +177,7 @@ def main(argv=None) -> dict:
                        "loss_curve": [round(r["loss"], 4) for r in trainer.history["train"]]})
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    (out / f"{args.variant}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "loss_curve"}, indent=1))
     return report
 
