@@ -153,3 +153,8 @@ def test_connector_cost_table_for_the_three_kinds():
     assert costs["mlp r=2"]["flops"] == 2 * 16 * (192 * 4 * 576 + 576 * 576)
     assert costs["perceiver"]["flops"] == perceiver_flops(64, 8, 576, 3, 192)
     assert format_flops(1.5e9) == "1.50 GFLOP" and format_flops(None) == "unknown"
+
+
+def test_modality_projector_refuses_the_kinds_it_is_not():
+    with pytest.raises(ValueError, match="build other kinds with vlm_course.registry.build_connector"):
+        ModalityProjector(ProjectorConfig(kind="perceiver", num_queries=4), 8, 12)

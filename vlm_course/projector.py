@@ -45,6 +45,9 @@ class ModalityProjector(nn.Module):
 
     def __init__(self, cfg: ProjectorConfig, vision_hidden_size: int, decoder_hidden_size: int):
         super().__init__()
+        if cfg.kind not in ("linear", "mlp"):
+            raise ValueError(f"ModalityProjector is the linear (or mlp) projector, not {cfg.kind!r}: build other kinds "
+                             "with vlm_course.registry.build_connector(cfg, vision_hidden_size, decoder_hidden_size)")
         self.cfg = cfg
         in_features = vision_hidden_size * cfg.shuffle_factor**2
         out_features = decoder_hidden_size * cfg.tokens_per_block  # k tokens per block: k widths side by side
