@@ -397,8 +397,8 @@ def write_readme(out_dir: Path, pairs: list[GgufPair], config, llama: LlamaCpp) 
     rows = "\n".join(f"| {p.outtype} | {p.text.name} ({p.sizes_mb()[0]:.1f} MB) | {p.mmproj.name} "
                      f"({p.sizes_mb()[1]:.1f} MB) |" for p in pairs)
     seconds = llama.build_info().get("build_seconds")
-    build_note = (f"that CPU build took {seconds} s on {llama.build_info().get('cpu_count')} cores here"
-                  if seconds else "see docs/llama_cpp.md for its build time")
+    build_note = (f"the build that converted these files took {seconds} s on {llama.build_info().get('cpu_count')} "
+                  "CPU cores" if seconds else "see the course's docs/llama_cpp.md for its build time")
     n = config.image_tokens_per_image
     text = (TEMPLATES / "llama_cpp_README.md").read_text().format(
         llama_version=LLAMA_CPP_PYTHON_VERSION, file_rows=rows, build_note=build_note, first=pairs[-1].outtype,
