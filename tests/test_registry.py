@@ -109,10 +109,11 @@ def test_the_demo_checkpoint_weights_all_have_their_place():
 
 
 def _small(config: VLMConfig) -> VLMConfig:
-    """The same config with one vision and one decoder layer: every kind and size as committed, but fast."""
+    """The same config with one vision and one decoder layer and a 512-word table: every kind and width as
+    committed, but fast."""
     config = VLMConfig.from_dict(config.to_dict())
     config.vision = dataclasses.replace(config.vision, num_layers=1)
-    config.decoder = dataclasses.replace(config.decoder, num_layers=1)
+    config.decoder = dataclasses.replace(config.decoder, num_layers=1, vocab_size=512)
     config.image_token_id = config.decoder.vocab_size - 1  # a token id that lies in the table, as with a tokenizer
     return config
 
