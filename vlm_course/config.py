@@ -81,9 +81,6 @@ class ProjectorConfig:
         if self.num_queries is not None and self.num_queries < 1:
             raise ValueError(f"num_queries must be >= 1 (or None: one token per block), got {self.num_queries}")
         self.count_labels = tuple(self.count_labels)  # a JSON list reads back as a tuple
-        if self.count_labels and self.tokens_per_block != 2:
-            raise ValueError("count tokens tally each block's two words (colour, shape): they need tokens_per_block=2, "
-                             f"got {self.tokens_per_block}")
 
 
 @dataclass

@@ -61,7 +61,7 @@ class ModalityProjector(nn.Module):
                 nn.Linear(hidden, out_features, bias=True),
             )
         # Count tokens (the demo): tallies of the blocks' words, appended after the blocks (`vlm_course.counting`).
-        self.counter = CountTokens(cfg.count_labels, decoder_hidden_size) if cfg.count_labels else None
+        self.counter = CountTokens(cfg.count_labels, in_features, decoder_hidden_size) if cfg.count_labels else None
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -73,16 +73,24 @@ class ModalityProjector(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def blocks(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, patches, vision width) -> (B, blocks, r * r * vision width): what the projector and the counter read."""
+        return pixel_shuffle(patches, self.cfg.shuffle_factor)
+
     def block_tokens(self, patches: torch.Tensor) -> torch.Tensor:
         """(B, patches, vision width) -> (B, blocks * k, D): each block's k tokens, row by row."""
-        tokens = self.proj(pixel_shuffle(patches, self.cfg.shuffle_factor))  # (B, blocks, k * D)
-        batch, blocks, width = tokens.shape
+        return self.tokens_of(self.blocks(patches))
+
+    def tokens_of(self, blocks: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(blocks)  # (B, blocks, k * D)
+        batch, num_blocks, width = tokens.shape
         k = self.cfg.tokens_per_block
-        return tokens.reshape(batch, blocks * k, width // k)  # a block's k tokens side by side in the sequence
+        return tokens.reshape(batch, num_blocks * k, width // k)  # a block's k tokens side by side in the sequence
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        tokens = self.block_tokens(patches)
+        blocks = self.blocks(patches)
+        tokens = self.tokens_of(blocks)
         if self.counter is None:
             return tokens
-        return torch.cat([tokens, self.counter(tokens)], dim=1)
+        return torch.cat([tokens, self.counter(blocks)], dim=1)
 

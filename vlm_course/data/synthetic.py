@@ -341,7 +341,7 @@ def _shapes(rng, image_size, i, state):
     return render(rng, image_size, shapes), qa
 
 
-def _count_scene(rng, image_size, answer):
+def count_scene(rng, image_size, answer):
     """A scene where the answer to a random counting question is `answer` (1..MAX_COUNT)."""
     kind = _pick(rng, ("shape", "shape", "colour", "total"))
     n_distractors = int(rng.integers(0, MAX_COUNT - answer + 1)) if kind != "total" else 0
@@ -367,7 +367,7 @@ def _count_scene(rng, image_size, answer):
 
 def _count(rng, image_size, i, state):
     answer = _balanced(rng, state, "count", range(1, MAX_COUNT + 1), i)
-    shapes, question = _count_scene(rng, image_size, answer)
+    shapes, question = count_scene(rng, image_size, answer)
     return render(rng, image_size, shapes), [(question, str(answer))]
 
 
@@ -415,7 +415,7 @@ def _mc(rng, image_size, i, state):
     kind = _pick(rng, ("colour", "shape", "count"))
     if kind == "count":
         answer = int(rng.integers(1, MAX_COUNT + 1))
-        shapes, question = _count_scene(rng, image_size, answer)
+        shapes, question = count_scene(rng, image_size, answer)
         answer, pool = str(answer), [str(k) for k in range(1, MAX_COUNT + 1)]
     else:
         shapes = place(rng, _distinct_specs(rng, int(rng.integers(1, 4))), image_size, (0.22, 0.36))
