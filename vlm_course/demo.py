@@ -28,11 +28,12 @@ instructor reads the whole demo here, top to bottom (recipe, data, the projector
 Trainer and eval loop, figures, checkpoint); the pieces it shares with the lessons live in the library.
 
 Status (measured by `make demo` on 2 cores, 2026-12-01; 200 held-out questions per subset): the model reads
-colour/shape, counts and position from the picture: shapes 0.00 -> 0.96, count 0.00 -> 0.73 (the image side's own
-tally is right for 0.76), position 0.00 -> 0.82, falling to 0.19, 0.17 and 0.07 (chance 0.20, 0.20, 0.11) with
-another scene's image. Spatial relations and lettered options are not learnt: spatial 0.51, mc 0.25 (chance 0.50,
-0.25). Training takes ~16.5 min on an idle 2-core machine (4.5 s per QA step). The trained weights are committed
-in assets/demo_checkpoint; docs/demo_findings.md sections 12-13 have the recipe's measurements.
+colour/shape, counts and position from the picture: shapes 0.00 -> 0.96, count 0.00 -> 0.79 (the image side's own
+tally is right for 0.84), position 0.00 -> 0.90, falling to 0.18, 0.13 and 0.06 (chance 0.20, 0.20, 0.11) with
+another scene's image. Spatial relations and lettered options are not learnt: spatial 0.50, mc 0.20 (chance 0.50,
+0.25). Training takes ~20 min on an idle 2-core machine (4.5 s per QA step, 240 steps, and ~2 min of fits). The
+trained weights are committed in assets/demo_checkpoint; docs/demo_findings.md sections 12-14 have the recipe's
+measurements.
 """
 
 from __future__ import annotations
