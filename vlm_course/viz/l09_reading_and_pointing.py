@@ -47,6 +47,9 @@ def plot_resolutions(images, sizes=(128, 64), titles=None, show: bool = True):
     return _finish(fig, show)
 
 
+TARGETS = {"ocr_anls": 0.6, "grounding_acc50": 0.5}  # the lesson's targets with two branches
+
+
 def plot_reading_results(results: dict, show: bool = True):
     """Bars per variant and score, right image against another scene's: results[variant][image][score]."""
     scores = ("ocr_anls", "grounding_acc50", "grounding_mean_iou")
@@ -60,8 +63,10 @@ def plot_reading_results(results: dict, show: bool = True):
             ax.bar(k - 0.18, right, 0.36, color="tab:blue", label="right image" if k == 0 else None)
             ax.bar(k + 0.18, other, 0.36, color="#bbbbbb", label="another scene's image" if k == 0 else None)
             ax.text(k - 0.18, right + 0.02, f"{right:.2f}", ha="center", fontsize=8)
+        if score in TARGETS:
+            ax.axhline(TARGETS[score], color="tab:green", ls="--", lw=1, label="target" if score == scores[0] else None)
         ax.set_xticks(range(len(variants)))
-        ax.set_xticklabels(variants)
+        ax.set_xticklabels([v.replace(" ", "\n", 1) for v in variants], fontsize=8)
         ax.set_title(names[score], fontsize=9)
         ax.set_ylim(0, 1.05)
     axes[0].legend(fontsize=7, loc="upper left")
