@@ -259,7 +259,7 @@ def test_export_verb_writes_both_pairs_and_the_jetson_readme(tiny, tmp_path, mon
     readme = (out / "README.md").read_text()
     for needed in ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=87", "--target llama-mtmd-cli",
                    "sudo nvpmodel -m 2", "MAXN_SUPER", "sudo jetson_clocks", "tegrastats", "-ngl 99",
-                   "-m text-q8_0.gguf --mmproj mmproj-q8_0.gguf", "--temp 0", "llama-cpp-python==0.3.36"):
+                   "-m text-q8_0.gguf --mmproj mmproj-q8_0.gguf", "--jinja", "--temp 0", "llama-cpp-python==0.3.36"):
         assert needed in readme, needed
     assert "{" not in readme  # every placeholder filled
     assert export_main(["--model", str(folder), "--out", str(out), "--format", "llama.cpp"]) == 2  # not empty

@@ -147,6 +147,19 @@ class _OneHead(ResamplerAttention):
         return self.o_proj(out)
 
 
+class _Causal(ResamplerAttention):
+    def forward(self, latents, context):  # the decoder's attention reused, causal mask and all
+        b, q_len, width = latents.shape
+        both = torch.cat([context, latents], dim=1)
+
+        def heads(x):
+            return x.view(b, x.shape[1], self.num_heads, width // self.num_heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.q_proj(latents)), heads(self.k_proj(both)),
+                                             heads(self.v_proj(both)), is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, q_len, width))
+
+
 def _attention_case(width, heads, batch, patches, queries, seed, dtype=torch.float32):
     def inputs():
         state = randomised(ResamplerAttention(width, heads), seed).state_dict()
@@ -182,6 +195,9 @@ register(Exercise(
                "head_dim) mixes positions into the heads"),
         Mutant("one_head", _OneHead,
                "one attention over the full width: split into num_heads heads of width // num_heads each"),
+        Mutant("causal", _Causal,
+               "the resampler is not causal: every latent sees every patch and every latent (no is_causal, no mask; "
+               "a decoder's attention hides the future, a perceiver's has none)"),
     ],
 ))
 
