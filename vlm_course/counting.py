@@ -45,11 +45,6 @@ def count_labels() -> tuple[str, ...]:
     return (*(f"{s}s" for s in synthetic.SHAPES), *synthetic.COLOURS, "objects")
 
 
-def block_words() -> tuple[list[str], list[str]]:
-    """The words a block's two tokens are fitted to: (colour words + " no", shape words + " object")."""
-    return [f" {c}" for c in synthetic.COLOURS] + [" no"], [f" {s}" for s in synthetic.SHAPES] + [" object"]
-
-
 def label_selectors(labels: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Which classes each label adds up: (labels, 1 + colours) and (labels, 1 + shapes) tables of 0s and 1s.
     "red" sums the colour class red, "circles" the shape class circle, "objects" every colour class but none."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vlm_course import demo
-from vlm_course.counting import CountTokens, block_words, count_labels, fit_count_heads
+from vlm_course.counting import CountTokens, count_labels, fit_count_heads
 from vlm_course.data import synthetic
 from vlm_course.demo_panel import load_demo_checkpoint
 from vlm_course.pretrain_blocks import SCENE_SIZE, block_labels, block_objects, random_scene
@@ -56,8 +56,9 @@ with torch.no_grad():
     tokens = model.projector.block_tokens(patches)
 results = {"ceiling": np.mean([tally_of([o for o in block_objects(s, 3) if o], lab) == a for _, s, lab, a in tests])}
 
-# nearest word: the projector's tokens against the decoder's embeddings of the block words
-colours, shapes_ = block_words()
+# nearest word: the projector's tokens against the decoder's embeddings of the words the words stage fits them to
+colours = [f" {c}" for c in synthetic.COLOURS] + [" no"]
+shapes_ = [f" {s}" for s in synthetic.SHAPES] + [" object"]
 embed = model.decoder.embed_tokens
 table = [embed(torch.tensor([processor.text_ids(w)[0] for w in words])).float() for words in (colours, shapes_)]
 nearest = [((tokens[:, k::2].float().unsqueeze(2) - table[k]) ** 2).sum(-1).argmin(-1) for k in (0, 1)]
