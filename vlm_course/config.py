@@ -72,6 +72,9 @@ class ProjectorConfig:
     # After the blocks, one token per label holding a tally of the picture's objects (`vlm_course.counting`; the
     # demo counts each shape, each colour and all objects). Empty (nanoVLM, Idefics3): no count tokens.
     count_labels: tuple[str, ...] = ()
+    # The counter's block classifiers: 0, linear on each block alone; a number, one hidden layer of that width
+    # reading the block and its four neighbours (`counting.NeighbourhoodClassifier`; the demo uses 128).
+    counter_hidden_size: int = 0
 
     def __post_init__(self):
         if self.shuffle_factor < 1:
@@ -81,6 +84,9 @@ class ProjectorConfig:
         if self.num_queries is not None and self.num_queries < 1:
             raise ValueError(f"num_queries must be >= 1 (or None: one token per block), got {self.num_queries}")
         self.count_labels = tuple(self.count_labels)  # a JSON list reads back as a tuple
+        if self.counter_hidden_size < 0:
+            raise ValueError(f"counter_hidden_size must be 0 (linear classifiers) or a hidden width, got "
+                             f"{self.counter_hidden_size}")
 
 
 @dataclass

@@ -61,7 +61,8 @@ class ModalityProjector(nn.Module):
                 nn.Linear(hidden, out_features, bias=True),
             )
         # Count tokens (the demo): tallies of the blocks' words, appended after the blocks (`vlm_course.counting`).
-        self.counter = CountTokens(cfg.count_labels, in_features, decoder_hidden_size) if cfg.count_labels else None
+        self.counter = (CountTokens(cfg.count_labels, in_features, decoder_hidden_size, cfg.counter_hidden_size)
+                        if cfg.count_labels else None)
         self.reset_parameters()
 
     def reset_parameters(self):

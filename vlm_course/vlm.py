@@ -507,6 +507,7 @@ CONFIG_KEYS_ADDED_LATER = {"image_layout", "projector.tokens_per_block", "projec
                            "vision.kind", "decoder.kind", "projector.num_queries", "projector.resampler_layers",
                            "projector.resampler_heads", "fusion"}
 CONFIG_KEYS_ADDED_LATER |= {"image_splitting", "split_longest_edge"}  # image splitting
+CONFIG_KEYS_ADDED_LATER |= {"projector.counter_hidden_size"}  # neighbourhood classifiers in the counter
 
 
 def config_problems(data, cls=VLMConfig, where: str = "") -> list[str]:
