@@ -27,24 +27,26 @@ The recipe, and why each number is what it is, lives in `DemoRecipe` below. Why 
 instructor reads the whole demo here, top to bottom (recipe, data, the projector's fit, the calls into the course's
 Trainer and eval loop, figures, checkpoint); the pieces it shares with the lessons live in the library.
 
-Status (measured by `make demo` on 2 cores, 2026-12-01; 200 held-out questions per subset): the model reads
-colour/shape, counts and position from the picture: shapes 0.00 -> 0.96, count 0.00 -> 0.79 (the image side's own
-tally is right for 0.84), position 0.00 -> 0.90, falling to 0.18, 0.13 and 0.06 (chance 0.20, 0.20, 0.11) with
-another scene's image. Spatial relations and lettered options are not learnt: spatial 0.50, mc 0.20 (chance 0.50,
-0.25). Training takes ~20 min on an idle 2-core machine (4.5 s per QA step, 240 steps, and ~2 min of fits). The
-trained weights are committed in assets/demo_checkpoint; docs/demo_findings.md sections 12-14 have the recipe's
-measurements.
+Status (measured by `make demo` on an idle 2-core machine, 2026-12-01; 200-268 held-out questions per subset): the
+model reads colour/shape, counts and position from the picture: shapes 0.00 -> 0.97, count 0.00 -> 0.84 (the image
+side's own tally is right for 0.88), position 0.00 -> 0.84, falling to 0.18, 0.14 and 0.08 (chance 0.20, 0.20,
+0.11) with another scene's image; on 200 fresh scenes per subset of seed 20261201: 0.97, 0.85, 0.89. Spatial
+relations and lettered options are not learnt: spatial 0.51, mc 0.28 (chance 0.50, 0.25). Training takes 25 min
+(240 QA steps at ~4.7 s, and 4.4 min of fits), the whole command 33 min; peak memory 6.5 GB. The trained weights
+are committed in assets/demo_checkpoint; docs/demo_findings.md sections 12-15 have the recipe's measurements.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -567,6 +569,55 @@ def build_model(profile: str, recipe: DemoRecipe) -> tuple[VisionLanguageModel, 
     return model, processor
 
 
+def release_freed_memory() -> None:
+    """Give the memory training freed back to the system, and keep the evaluation's large buffers out of the heap.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MB), so after training the
+    evaluation's tensors come from a fragmented heap: the same questions briefly took 1.4-2.8 GB more than in a fresh
+    process (peak 5.6 against 3.8-4.2 GB; docs/demo_findings.md section 15). Setting the threshold back to 128 kB and
+    trimming the heap restores a fresh process's behaviour at the same speed. Not during training: there every
+    activation would be a fresh mmap, 60% slower per step. Does nothing where the C library is not glibc.
+    """
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # macOS, Windows: another allocator
+        return
+    libc.mallopt(-3, 128 * 1024)  # -3 is M_MMAP_THRESHOLD: allocations above 128 kB get their own mapping again
+    libc.malloc_trim(0)
+
+
+def recipe_from_json(path: Path) -> DemoRecipe:
+    """A saved recipe.json as a DemoRecipe (fields added since it was written take RECIPE_KEYS_ADDED_LATER)."""
+    raw = json.loads(path.read_text())
+    known = {f.name for f in fields(DemoRecipe)}
+    raw = {**RECIPE_KEYS_ADDED_LATER, **{k: v for k, v in raw.items() if k in known}}
+    raw["stages"] = tuple(Stage(**s) for s in raw.get("stages", ()))
+    for key in ("subsets", "lora_targets"):
+        if key in raw:
+            raw[key] = tuple(raw[key])
+    return DemoRecipe(**raw)
+
+
+def load_checkpoint(folder="runs/demo/checkpoint", profile: str = "smol") -> tuple[VisionLanguageModel, VLMProcessor]:
+    """(trained model, processor) from the checkpoint `make demo` wrote; the 4-bit base is rebuilt offline."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights = folder / "trainable.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"no demo checkpoint in {folder}: run `make demo` first (about 33 min on 2 CPU cores)")
+    recipe = recipe_from_json(folder / "recipe.json")
+    model, processor = build_model(profile, recipe)
+    state = load_file(weights)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k.startswith("projector.") or "lora_" in k]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"{folder} does not match the {profile!r} demo model: unexpected {result.unexpected_keys[:4]}, "
+                         f"missing {missing[:4]}; was it written by another version of the demo? run `make demo` again")
+    return model.eval(), processor
+
+
 def run_demo(profile: str = "smol", recipe: DemoRecipe | None = None, out: str | Path = "runs/demo",
              progress: bool = True, log_every: int = 0) -> dict:
     recipe = recipe or DemoRecipe()
@@ -594,6 +645,12 @@ def run_demo(profile: str = "smol", recipe: DemoRecipe | None = None, out: str |
     history = train(model, processor, train_samples, recipe, out, progress, log_every)
     train_minutes = (time.perf_counter() - t_train) / 60
 
+    # Measure what was saved: the checkpoint reloaded into a fresh model, the files a learner loads (float16 weights),
+    # not the model in memory.
+    checkpoint = save_checkpoint(model, out, recipe)
+    del model
+    release_freed_memory()
+    model, processor = load_checkpoint(checkpoint, profile)
     tallies = tally_accuracy(model, processor, test_samples)
     if tallies is not None:
         print(f"count tokens: the image side's tally is right for {tallies:.2f} of the held-out count questions "
@@ -611,7 +668,6 @@ def run_demo(profile: str = "smol", recipe: DemoRecipe | None = None, out: str |
             print(f"  [{subset}] {q[:70]!r} -> {r['prediction']!r} (gold {r['answer']!r})")
 
     figures = save_figures(out, history, before, after, records)
-    checkpoint = save_checkpoint(model, out, recipe)
     result = {"profile": profile, "before": before, "after": after, "other_image": other, "chance": CHANCE,
               "count_tally_accuracy": tallies, "before_questions": len(before_samples),
               "train_minutes": train_minutes, "total_minutes": (time.perf_counter() - t0) / 60,

@@ -15,9 +15,7 @@ the image-token positions, and laid out on the pixel-shuffled grid (one token pe
 from __future__ import annotations
 
 import io
-import json
 import math
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -32,46 +30,20 @@ from .vlm import VisionLanguageModel, answer
 # Loading the demo's models
 
 
-def _recipe_from_json(path: Path):
-    from .demo import RECIPE_KEYS_ADDED_LATER, DemoRecipe, Stage
-
-    raw = json.loads(path.read_text())
-    known = {f.name for f in fields(DemoRecipe)}
-    raw = {**RECIPE_KEYS_ADDED_LATER, **{k: v for k, v in raw.items() if k in known}}
-    raw["stages"] = tuple(Stage(**s) for s in raw.get("stages", ()))
-    for key in ("subsets", "lora_targets"):
-        if key in raw:
-            raw[key] = tuple(raw[key])
-    return DemoRecipe(**raw)
-
-
 def load_demo_checkpoint(folder="runs/demo/checkpoint", profile: str = "smol"):
-    """(trained model, processor) from the checkpoint `make demo` wrote; the 4-bit base is rebuilt offline."""
-    from safetensors.torch import load_file
+    """(trained model, processor) from the checkpoint `make demo` wrote; the 4-bit base is rebuilt offline.
+    (`vlm_course.demo.load_checkpoint`, which the demo itself uses to measure what it saved.)"""
+    from .demo import load_checkpoint
 
-    from .demo import build_model
-
-    folder = Path(folder)
-    weights = folder / "trainable.safetensors"
-    if not weights.exists():
-        raise FileNotFoundError(f"no demo checkpoint in {folder}: run `make demo` first (about 30 min on 2 CPU cores)")
-    recipe = _recipe_from_json(folder / "recipe.json")
-    model, processor = build_model(profile, recipe)
-    state = load_file(weights)
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k.startswith("projector.") or "lora_" in k]
-    if result.unexpected_keys or missing:
-        raise ValueError(f"{folder} does not match the {profile!r} demo model: unexpected {result.unexpected_keys[:4]}, "
-                         f"missing {missing[:4]}; was it written by another version of the demo? run `make demo` again")
-    return model.eval(), processor
+    return load_checkpoint(folder, profile)
 
 
 def load_untrained(profile: str = "smol", checkpoint="runs/demo/checkpoint"):
     """The same architecture before training (random projector, fresh LoRA): the 'before' model."""
-    from .demo import DemoRecipe, build_model
+    from .demo import DemoRecipe, build_model, recipe_from_json
 
     recipe_file = Path(checkpoint) / "recipe.json"
-    recipe = _recipe_from_json(recipe_file) if recipe_file.exists() else DemoRecipe()
+    recipe = recipe_from_json(recipe_file) if recipe_file.exists() else DemoRecipe()
     torch.manual_seed(recipe.seed)
     model, processor = build_model(profile, recipe)
     return model.eval(), processor

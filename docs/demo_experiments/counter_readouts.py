@@ -11,11 +11,14 @@ right answer:
   nearest word   each block's two projector tokens named by their nearest colour / shape word, then counted
   blocks argmax  two logistic classifiers on the 3 x 3 block vectors (`counting.fit_count_heads`, the demo's
                  counter), each block's most likely class counted
-  blocks sum     the same classifiers, probabilities added over the blocks and rounded (what `CountTokens` does)
+  blocks sum     the same classifiers, probabilities added over the blocks and rounded (what `CountTokens` does
+                 with linear heads)
+  neighbourhood  classifiers with one hidden layer (128) over each block and its four neighbours, probabilities
+                 summed (`counting.NeighbourhoodClassifier`, the demo's counter since section 15)
   patches ...    the same two read-outs on the 9 x 9 patch grid (is an object's centre in this patch?)
 
 The classifiers are fitted on TRAIN_SCENES fresh scenes, half drawn as the demo's words stage draws them and half
-crowded like the count subset (`demo.count_targets`). 1 thread; about 5 minutes for the defaults on an idle core.
+crowded like the count subset (`demo.count_targets`). 1 thread; about 10 minutes for the defaults on an idle core.
 """
 import sys
 
@@ -92,6 +95,14 @@ counter = CountTokens(labels, blocks["blocks"].shape[-1], 8)
 fit_count_heads(counter, blocks["blocks"], blocks["colour"], blocks["shape"])
 test_blocks = model.projector.blocks(patches)
 results["blocks argmax"], results["blocks sum"] = score(counter, test_blocks, "argmax"), score(counter, test_blocks, "sum")
+torch.manual_seed(0)
+neighbourhood = CountTokens(labels, blocks["blocks"].shape[-1], 8, classifier_hidden=128)
+for layer in neighbourhood.modules():  # the projector's initialisation (ModalityProjector.reset_parameters)
+    if isinstance(layer, torch.nn.Linear):
+        torch.nn.init.normal_(layer.weight, std=0.02)
+        torch.nn.init.zeros_(layer.bias)
+fit_count_heads(neighbourhood, blocks["blocks"], blocks["colour"], blocks["shape"])
+results["neighbourhood"] = score(neighbourhood, test_blocks, "sum")
 
 # the 9 x 9 patch grid: the same classifiers, one per patch (labels: whose centre lies in the patch)
 rng = np.random.default_rng([0, 13])
