@@ -32,8 +32,10 @@ model reads colour/shape, counts and position from the picture: shapes 0.00 -> 0
 side's own tally is right for 0.88), position 0.00 -> 0.84, falling to 0.18, 0.14 and 0.08 (chance 0.20, 0.20,
 0.11) with another scene's image; on 200 fresh scenes per subset of seed 20261201: 0.97, 0.85, 0.89. Spatial
 relations and lettered options are not learnt: spatial 0.51, mc 0.28 (chance 0.50, 0.25). Training takes 25 min
-(240 QA steps at ~4.7 s, and 4.4 min of fits), the whole command 33 min; peak memory 6.5 GB. The trained weights
-are committed in assets/demo_checkpoint; docs/demo_findings.md sections 12-15 have the recipe's measurements.
+(240 QA steps at ~4.7 s, and 4.4 min of fits), the whole command 33 min; peak memory 6.5 GB in that run, from the
+heap training left behind (`release_freed_memory` now hands it back before the evaluation: ~4.5 GB expected, not
+yet measured end to end). The trained weights are committed in assets/demo_checkpoint; docs/demo_findings.md
+sections 12-15 have the recipe's measurements.
 """
 
 from __future__ import annotations
