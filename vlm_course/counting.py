@@ -163,10 +163,8 @@ def fit_count_heads(counter: CountTokens, blocks: torch.Tensor, colour: torch.Te
     n, num_blocks, width = blocks.shape
     if n * num_blocks != colour.numel() or n * num_blocks != shape.numel():
         raise ValueError(f"{n * num_blocks} blocks but {colour.numel()} colour and {shape.numel()} shape labels: one each")
-    flat = blocks.reshape(-1, width)
-    mean = flat.float().mean(0)
-    std = torch.stack([(chunk.float() - mean).pow(2).sum(0) for chunk in flat.split(65536)]).sum(0)
-    std = (std / (len(flat) - 1)).sqrt() + 1e-4
+    std, mean = torch.std_mean(blocks.reshape(-1, width).float(), dim=0)  # a float32 copy, freed at once
+    std = std + 1e-4
     generator = torch.Generator().manual_seed(seed)
     scenes_per_step = max(1, min(n, batch_size // num_blocks))
     accuracy = {}
