@@ -177,3 +177,21 @@ def test_real_smollm2_cache_equals_no_cache(smollm2):
     ids = chat_ids(tokenizer, "Name three colours.")
     assert torch.equal(decoder.generate(ids, max_new_tokens=24),
                        decoder.generate(ids, max_new_tokens=24, use_cache=False))
+
+
+def test_logits_to_keep_gives_the_last_positions_of_the_full_logits_and_feeds_the_head_a_contiguous_tensor(tmp_path):
+    # The head must see a contiguous (B, n, D) tensor: a strided x[:, -1:] under bf16 made PyTorch broadcast and copy
+    # the whole vocabulary-wide head once per sample (2.8 GB for a batch of 50 with SmolLM2's 49152 words).
+    from vlm_course.decoder import last_positions
+
+    _, ours = tiny_llama(tmp_path, tie=True)
+    ids = torch.randint(0, 101, (3, 7))
+    seen = []
+    ours.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        full = ours(input_ids=ids).logits
+        for n in (1, 3):
+            torch.testing.assert_close(ours(input_ids=ids, logits_to_keep=n).logits, full[:, -n:])
+    assert seen == [True, True, True]
+    x = torch.randn(2, 5, 4)
+    assert last_positions(x, 0) is x and torch.equal(last_positions(x, 2), x[:, -2:])

@@ -196,6 +196,16 @@ class DecoderOutput:
     hidden_states: torch.Tensor | None = None  # last layer, after the final norm
 
 
+def last_positions(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The hidden states of the last n positions (all of them for n = 0), contiguous, for the LM head.
+
+    Why contiguous: x[:, -1:] is a strided view, and a bf16 matmul on it cannot be folded into one (B, D) x (D, V)
+    product; PyTorch then broadcasts the 49152-wide head to every sample and copies it (B x 576 x 49152 values: 2.8 GB
+    for a batch of 50, 2.9 s instead of 0.01 s, measured on this course's CPU with bf16 autocast).
+    """
+    return x[:, -n:].contiguous() if n else x
+
+
 @register_decoder("llama")  # the kind configs name by default (decoder.kind)
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
@@ -241,7 +251,7 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, kv_cache, i)
         x = self.norm(x)
-        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        logits = self.lm_head(last_positions(x, logits_to_keep))
         return DecoderOutput(logits=logits, kv_cache=kv_cache, hidden_states=x)
 
     @property

@@ -142,7 +142,7 @@ class DemoRecipe:
         # the embeddings of " red" " circle" (or " no" " object"). No decoder pass: seconds per 100 steps.
         Stage("words", steps=0, lr_projector=0.0, lr_vision=0.0, lr_lora=0.0, warmup_steps=0, data="words",
               fit="least_squares", scenes=16_000),
-        Stage("qlora", steps=240, lr_projector=0.0, lr_vision=0.0, lr_lora=1e-3, warmup_steps=10),
+        Stage("qlora", steps=280, lr_projector=0.0, lr_vision=0.0, lr_lora=1e-3, warmup_steps=10),
     ))
     max_new_tokens: int = 4  # every answer is 1-2 tokens + <|im_end|>
     eval_batch_size: int = 50

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DecoderConfig, FusionConfig, VLMConfig
-from .decoder import DecoderOutput, KVCache, RMSNorm, build_attention_mask, default_position_ids
+from .decoder import DecoderOutput, KVCache, RMSNorm, build_attention_mask, default_position_ids, last_positions
 from .registry import register_fusion
 
 
@@ -197,7 +197,7 @@ class CrossAttentionDecoder:
                 x = block(x, None if images is None else images.to(x.dtype), image_mask, has_image)
             x = layer(x, cos, sin, mask, kv_cache, i)
         x = decoder.norm(x)
-        logits = decoder.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        logits = decoder.lm_head(last_positions(x, logits_to_keep))
         return DecoderOutput(logits=logits, kv_cache=kv_cache, hidden_states=x)
 
 
