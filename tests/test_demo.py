@@ -111,7 +111,7 @@ def test_train_config_is_the_recipe_for_the_library_trainer():
     qa = recipe.stages[1]
     cfg = demo.train_config(recipe, qa, "out")
     assert (cfg.vision, cfg.projector, cfg.decoder) == ("frozen", "frozen", "qlora")
-    assert (cfg.lr_lora, cfg.max_steps, cfg.batch_size, cfg.lora_r, cfg.lora_alpha) == (1e-3, 240, 16, 16, 32)
+    assert (cfg.lr_lora, cfg.max_steps, cfg.batch_size, cfg.lora_r, cfg.lora_alpha) == (1e-3, qa.steps, 16, 16, 32)
     assert math.ceil(cfg.warmup_fraction * cfg.max_steps) == qa.warmup_steps  # the Trainer's warmup, in steps
     assert cfg.group_by_length and cfg.frozen_dtype == "compute" and cfg.adam_betas == (0.9, 0.95)
     both = demo.Stage("s", steps=10, lr_projector=1e-3, lr_vision=1e-4, lr_lora=0.0, warmup_steps=1)
