@@ -279,8 +279,9 @@ def test_committed_demo_checkpoint_answers_from_the_picture():
 
     folder = assets_dir() / "demo_checkpoint"
     results = json.loads((folder / "results.json").read_text())
-    assert results["after"]["shapes"] >= 0.9 and results["other_image"]["shapes"] <= 0.3
-    assert results["after"]["count"] >= 0.7 and results["other_image"]["count"] <= 0.3
+    for subset, target in (("shapes", 0.90), ("count", 0.80), ("position", 0.85)):  # the demo's targets
+        assert results["after"][subset] >= target, (subset, results["after"][subset])
+        assert abs(results["other_image"][subset] - demo.CHANCE[subset]) <= 0.10, (subset, results["other_image"])
     model, processor = load_demo_checkpoint(folder)
     samples = demo.load_samples("test", ("shapes", "count", "position"), 16)
     questions = [s["question"] for s in samples]
