@@ -189,3 +189,25 @@ def test_idefics3_layout_needs_the_table_to_hold_its_tokens():
     assert model(**batch).logits.shape[-1] == len(processor.tokenizer)
     with pytest.raises(ValueError, match="tokens_per_block=1"):
         dataclasses.replace(config, projector=dataclasses.replace(config.projector, tokens_per_block=2))
+
+
+def test_demo_trained_in_idefics3s_layout_saves_as_idefics3(tmp_path):
+    """`python -m vlm_course demo --layout idefics3` (here: the tiny profile, quick) trains a model save_idefics3 can
+    write: its checkpoint, merged and saved by `save_as_idefics3`, loads in transformers with the same logits and
+    greedy answers as the course model it came from. A grid-layout demo checkpoint is refused with the reasons."""
+    from vlm_course import demo
+    from vlm_course.deploy.merge import merge_lora_adapters
+
+    recipe = demo.quick_recipe(demo.idefics3_recipe())
+    demo.run_demo("tiny", recipe, tmp_path / "run", progress=False)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    folder = demo.save_as_idefics3(checkpoint, tmp_path / "idefics3", profile="tiny")
+    model, processor = demo.load_checkpoint(checkpoint, "tiny")
+    assert model.config.image_layout == "idefics3" and model.config.projector.tokens_per_block == 1
+    model = merge_lora_adapters(model).float().eval()
+    assert check_parity(model, processor, folder, [picture(64, "red"), picture(64, "blue")]) < LOGIT_ATOL
+
+    demo.run_demo("tiny", demo.quick_recipe(demo.DemoRecipe(vision_weights=None)), tmp_path / "grid", progress=False)
+    with pytest.raises(ValueError, match=r"not trained with Idefics3's image side.*--layout idefics3"):
+        demo.save_as_idefics3(tmp_path / "grid" / "checkpoint", tmp_path / "nope", profile="tiny")
+    assert not (tmp_path / "nope").exists()

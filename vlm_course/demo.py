@@ -1,6 +1,6 @@
 """The offline instructor demo: a real VLM trained on a laptop CPU, offline, in about 25 minutes.
 
-    python -m vlm_course demo            # (or `make demo`) profile smol: ~25 min in all on 2 CPU cores
+    python -m vlm_course demo            # (or `make demo`) profile smol: ~30 min in all on 2 CPU cores
     python -m vlm_course demo --quick    # a few steps: checks the pipeline end to end
     python -m vlm_course demo --profile tiny --quick    # seconds: random tiny model (tests)
 
@@ -28,14 +28,14 @@ instructor reads the whole demo here, top to bottom (recipe, data, the projector
 Trainer and eval loop, figures, checkpoint); the pieces it shares with the lessons live in the library.
 
 Status (measured by `make demo` on an idle 2-core machine, 2026-12-01; 200-268 held-out questions per subset): the
-model reads colour/shape, counts and position from the picture: shapes 0.00 -> 0.97, count 0.00 -> 0.84 (the image
-side's own tally is right for 0.88), position 0.00 -> 0.84, falling to 0.18, 0.14 and 0.08 (chance 0.20, 0.20,
-0.11) with another scene's image; on 200 fresh scenes per subset of seed 20261201: 0.97, 0.85, 0.89. Spatial
-relations and lettered options are not learnt: spatial 0.51, mc 0.28 (chance 0.50, 0.25). Training takes 25 min
-(240 QA steps at ~4.7 s, and 4.4 min of fits), the whole command 33 min; peak memory 6.5 GB in that run, from the
-heap training left behind (`release_freed_memory` now hands it back before the evaluation: ~4.5 GB expected, not
-yet measured end to end). The trained weights are committed in assets/demo_checkpoint; docs/demo_findings.md
-sections 12-15 have the recipe's measurements.
+model reads colour/shape, counts and position from the picture: shapes 0.00 -> 0.98, count 0.00 -> 0.86 (the image
+side's own tally is right for 0.88), position 0.00 -> 0.96, falling to 0.22, 0.13 and 0.06 (chance 0.20, 0.20,
+0.11) with another scene's image; on 200 fresh scenes per subset of seed 20261201: 0.97, 0.86, 0.96. Spatial
+relations and lettered options are not learnt: spatial 0.52, mc 0.26 (chance 0.50, 0.25). Training takes 24.5 min
+(280 QA steps at ~4.4 s, and 4.3 min of fits), the whole command 29.3 min, peak memory 3.9 GB. The trained weights
+are committed in assets/demo_checkpoint; docs/demo_findings.md sections 12-16 have the recipe's measurements.
+`--layout idefics3` trains a variant whose image side Idefics3 can express (`idefics3_recipe`), to leave the course
+as a SmolVLM checkpoint (`save_as_idefics3`) and run in llama.cpp.
 """
 
 from __future__ import annotations
@@ -157,6 +157,17 @@ class DemoRecipe:
 RECIPE_KEYS_ADDED_LATER = {"count_tokens": False, "count_scenes": 0, "counter_hidden": 0, "before_per_subset": None}
 
 
+def idefics3_recipe(recipe: DemoRecipe | None = None) -> DemoRecipe:
+    """The demo's recipe with an image side Idefics3 (SmolVLM) can express, so the trained model can be saved with
+    `save_idefics3` and run in llama.cpp (`save_as_idefics3`): Idefics3's prompt layout (the nine block tokens
+    wrapped in <fake_token_around_image><global-img> ... <fake_token_around_image>, no place words), one token per
+    block (the least-squares fit regresses it onto the mean of the block's two word embeddings), no projector bias
+    and no count tokens. The model must then read a block's place from its position in the run of tokens and count
+    by itself: the figures are lower than the main recipe's (docs/demo_findings.md section 16)."""
+    return replace(recipe or DemoRecipe(), image_layout="idefics3", tokens_per_block=1, projector_bias=False,
+                   count_tokens=False, counter_hidden=0, count_scenes=0)
+
+
 def quick_recipe(recipe: DemoRecipe) -> DemoRecipe:
     """A few steps of each stage on a handful of rows: checks the pipeline, learns nothing."""
     stages = tuple(replace(s, steps=3 if s.fit == "gradient" else 0, warmup_steps=1, scenes=min(s.scenes, 64))
@@ -248,8 +259,9 @@ def word_targets(processor: VLMProcessor, n: int, seed: int, progress: bool = Fa
     from .pretrain_blocks import SCENE_SIZE, random_scene
 
     config = processor.config
-    if config.projector.tokens_per_block != 2:
-        raise ValueError("word targets name each block with two words: use tokens_per_block=2")
+    if config.projector.tokens_per_block not in (1, 2):
+        raise ValueError("word targets name each block with two words, for one or two tokens per block: use "
+                         f"tokens_per_block=1 or 2, not {config.projector.tokens_per_block}")
     rng = np.random.default_rng([seed, 11])
     pixels, ids = [], []
     for _ in tqdm(range(n), desc="drawing scenes", leave=False, disable=not progress):
@@ -259,13 +271,24 @@ def word_targets(processor: VLMProcessor, n: int, seed: int, progress: bool = Fa
     return {"pixel_values": torch.stack(pixels), "word_ids": torch.tensor(ids)}
 
 
+def word_embeddings(model: VisionLanguageModel, word_ids: torch.Tensor) -> torch.Tensor:
+    """(n, 2 x blocks) word ids -> the (n, blocks x tokens_per_block, D) embeddings each block's tokens should take:
+    the two words' own embeddings (two tokens per block), or their mean (one token per block, as Idefics3's
+    connector writes: one vector carrying both words)."""
+    embeds = model.decoder.embed_tokens(word_ids).float()
+    if model.projector.cfg.tokens_per_block == 1:
+        embeds = embeds.unflatten(1, (-1, 2)).mean(2)
+    return embeds
+
+
 @torch.no_grad()
 def fit_projector_to_words(model: VisionLanguageModel, data: dict[str, torch.Tensor], ridge: float = 1e-2,
                            chunk: int = 500) -> float:
     """Solve the linear projector in closed form: the weights W minimising ||X W - Y||^2 + ridge ||W||^2, where X
     holds the frozen ViT's pixel-shuffled block vectors (plus a 1 for the bias) and Y the embeddings of the
-    block's two words side by side. Seconds instead of minutes of gradient steps, and a lower error (0.05
-    relative squared error against 0.45 after 150 AdamW steps: docs/demo_findings.md). Returns that training error."""
+    block's two words side by side (or their mean, for one token per block: `word_embeddings`). Seconds instead
+    of minutes of gradient steps, and a lower error (0.05 relative squared error against 0.45 after 150 AdamW
+    steps: docs/demo_findings.md). Returns that training error."""
     from .projector import pixel_shuffle
 
     proj = model.projector.proj
@@ -279,7 +302,7 @@ def fit_projector_to_words(model: VisionLanguageModel, data: dict[str, torch.Ten
         x = pixel_shuffle(model.vision(data["pixel_values"][i:i + chunk].float()), r).flatten(0, 1)
         if proj.bias is not None:
             x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
-        y = model.decoder.embed_tokens(data["word_ids"][i:i + chunk]).float().reshape(len(x), -1)
+        y = word_embeddings(model, data["word_ids"][i:i + chunk]).reshape(len(x), -1)
         gram += x.double().T @ x.double()
         cross += x.double().T @ y.double()
     solution = torch.linalg.solve(gram + ridge * torch.eye(width, dtype=torch.float64), cross).float()
@@ -287,7 +310,7 @@ def fit_projector_to_words(model: VisionLanguageModel, data: dict[str, torch.Ten
     if proj.bias is not None:
         proj.bias.copy_(solution[-1])
     tokens = model.projector.block_tokens(model.vision(data["pixel_values"][:chunk].float())).float()
-    targets = model.decoder.embed_tokens(data["word_ids"][:chunk]).float()
+    targets = word_embeddings(model, data["word_ids"][:chunk])
     return float((((tokens - targets) ** 2).sum(-1) / (targets**2).sum(-1)).mean())
 
 
@@ -563,6 +586,10 @@ def build_model(profile: str, recipe: DemoRecipe) -> tuple[VisionLanguageModel, 
     prof = get_profile(profile)
     model = with_image_layout(VisionLanguageModel.from_profile(prof), recipe, pretrained=prof.vision_weights is not None)
     processor = VLMProcessor.from_config(model.config, system_prompt=recipe.system_prompt)
+    # Idefics3's layout adds <fake_token_around_image> and <end_of_utterance> to the tokenizer: rows for them (the
+    # mean of the others, frozen, so a rebuilt model has the same ones and the checkpoint need not carry them)
+    if recipe.image_layout == "idefics3":
+        model.resize_vocabulary(len(processor.tokenizer))
     if model.projector.counter is not None:  # the counter's word tables: rows of the decoder's embeddings
         model.projector.counter.set_words(model.decoder.embed_tokens, lambda word: processor.text_ids(word)[0])
     from .training import apply_recipe
@@ -575,9 +602,8 @@ def release_freed_memory() -> None:
     """Give the memory training freed back to the system, and keep the evaluation's large buffers out of the heap.
 
     glibc raises its mmap threshold each time a large block is freed (up to 32 MB), so after training the
-    evaluation's tensors come from a fragmented heap: the same questions briefly took 1.4-2.8 GB more than in a fresh
-    process (peak 5.6 against 3.8-4.2 GB; docs/demo_findings.md section 15). Setting the threshold back to 128 kB and
-    trimming the heap restores a fresh process's behaviour at the same speed. Not during training: there every
+    evaluation's tensors come from a fragmented heap: 150 held-out questions after 3 training steps peaked at 2.73 GB,
+    and at 1.27 GB with this call before them (docs/demo_findings.md sections 15-16), at the same speed. Not during training: there every
     activation would be a fresh mmap, 60% slower per step. Does nothing where the C library is not glibc.
     """
     gc.collect()
@@ -608,7 +634,7 @@ def load_checkpoint(folder="runs/demo/checkpoint", profile: str = "smol") -> tup
     folder = Path(folder)
     weights = folder / "trainable.safetensors"
     if not weights.exists():
-        raise FileNotFoundError(f"no demo checkpoint in {folder}: run `make demo` first (about 33 min on 2 CPU cores)")
+        raise FileNotFoundError(f"no demo checkpoint in {folder}: run `make demo` first (about 30 min on 2 CPU cores)")
     recipe = recipe_from_json(folder / "recipe.json")
     model, processor = build_model(profile, recipe)
     state = load_file(weights)
@@ -618,6 +644,23 @@ def load_checkpoint(folder="runs/demo/checkpoint", profile: str = "smol") -> tup
         raise ValueError(f"{folder} does not match the {profile!r} demo model: unexpected {result.unexpected_keys[:4]}, "
                          f"missing {missing[:4]}; was it written by another version of the demo? run `make demo` again")
     return model.eval(), processor
+
+
+def save_as_idefics3(checkpoint, folder, profile: str = "smol") -> Path:
+    """A demo checkpoint trained with `idefics3_recipe` as a transformers Idefics3 folder (`save_idefics3`): the
+    LoRA adapters merged into the dequantised 4-bit base, every weight in float32. Loads with
+    `transformers.Idefics3ForConditionalGeneration.from_pretrained(folder)` and converts with llama.cpp's own
+    script (`vlm_course.deploy.llama_cpp.convert_idefics3`)."""
+    from .deploy.merge import merge_lora_adapters
+
+    model, processor = load_checkpoint(checkpoint, profile)
+    problems = model.idefics3_problems()
+    if any("LoRA" not in p and "4-bit" not in p for p in problems):
+        raise ValueError(f"{checkpoint} was not trained with Idefics3's image side, which cannot express: "
+                         + "; ".join(p for p in problems if "LoRA" not in p and "4-bit" not in p)
+                         + ". Train one with `python -m vlm_course demo --layout idefics3`")
+    model = merge_lora_adapters(model).float()
+    return model.save_idefics3(folder, processor)
 
 
 def run_demo(profile: str = "smol", recipe: DemoRecipe | None = None, out: str | Path = "runs/demo",
@@ -686,16 +729,21 @@ def demo_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlm_course demo", description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="smol", help="smol (default) or tiny (tests)")
     parser.add_argument("--quick", action="store_true", help="a few steps on a few rows: checks the pipeline")
-    parser.add_argument("--out", default="runs/demo", help="where figures, results.json and the checkpoint go")
+    parser.add_argument("--layout", choices=("grid", "idefics3"), default="grid",
+                        help="grid (default): block places in words and count tokens; idefics3: an image side "
+                             "Idefics3 can express, for save_as_idefics3 and llama.cpp (idefics3_recipe)")
+    parser.add_argument("--out", default=None,
+                        help="where figures, results.json and the checkpoint go (runs/demo, or runs/demo_idefics3)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     parser.add_argument("--log-every", type=int, default=0, metavar="N",
                         help="also print a plain line every N training steps (for log files)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    recipe = DemoRecipe()
+    recipe = DemoRecipe() if args.layout == "grid" else idefics3_recipe()
     if args.quick:
         recipe = quick_recipe(recipe)
-    run_demo(args.profile, recipe, args.out, progress=not args.no_progress, log_every=args.log_every)
+    out = args.out or ("runs/demo" if args.layout == "grid" else "runs/demo_idefics3")
+    run_demo(args.profile, recipe, out, progress=not args.no_progress, log_every=args.log_every)
     return 0
 
 

@@ -362,6 +362,10 @@ def idefics3_folder_for(model_dir, scratch: Path) -> Path:
                                 "or model.save_pretrained")
     if '"idefics3"' in config.read_text():
         return model_dir
+    if (model_dir / "recipe.json").exists() and (model_dir / "trainable.safetensors").exists():
+        raise ValueError(f"{model_dir} is a demo checkpoint (trainable weights on a rebuilt 4-bit base): save it as "
+                         "Idefics3 first, `vlm_course.demo.save_as_idefics3(checkpoint, folder)`, and pass that folder "
+                         "(the demo must have been trained with `python -m vlm_course demo --layout idefics3`)")
     model = VisionLanguageModel.from_pretrained(model_dir)
     return model.save_idefics3(scratch / "idefics3")
 
