@@ -27,7 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DecoderConfig, FusionConfig, VLMConfig
-from .decoder import DecoderOutput, KVCache, RMSNorm, build_attention_mask, default_position_ids, last_positions
+from .decoder import (
+    DecoderOutput,
+    KVCache,
+    RMSNorm,
+    build_attention_mask,
+    default_position_ids,
+    last_positions,
+)
 from .registry import register_fusion
 
 
