@@ -9,7 +9,8 @@ and saves it with save_idefics3 into --work. Any saved Idefics3 folder can be me
 trained idefics3-layout model. Needs llama.cpp built by `make setup`.
 
 Prints, per weight type (f16, q8_0): agreement of greedy answers with `vlm_course.vlm.answer` on the prompt llama.cpp
-builds (`LlamaCppLayout`), on the first N held-out questions (test split) of each subset; then the median
+builds (`LlamaCppLayout`), on the first N held-out questions (test split) of each subset, and how many of each
+side's answers are right (a trained model's, e.g. `demo.save_as_idefics3` of `demo --layout idefics3`); then the median
 time-to-first-token and decode tokens/s of single-turn CLI runs beside the decode roofline at this machine's
 measured bandwidth.
 """
@@ -26,6 +27,7 @@ import torch
 from vlm_course.data import load_mini_cauldron
 from vlm_course.deploy import llama_cpp
 from vlm_course.deploy.budget import measure_memory_bandwidth
+from vlm_course.evaluation.scoring import score_answer
 from vlm_course.processing import VLMProcessor
 from vlm_course.vlm import VisionLanguageModel
 
@@ -74,6 +76,24 @@ def main(argv=None) -> int:
     for subset in dict.fromkeys(r.subset for r in results):
         cells = [next(r for r in results if r.subset == subset and r.outtype == p.outtype) for p in pairs]
         print(f"| {subset} | " + " | ".join(f"{c.same}/{c.total} ({c.rate:.0%})" for c in cells) + " |")
+    # Right answers (the eval loop's scoring) of each side on llama.cpp's prompt: for a trained model, whether the
+    # runtime keeps what it learnt (for an untrained one, both near 0)
+    gold = {}
+    for row in rows:
+        name = (row.get("source") or row["texts"][0].get("source", "?")).removeprefix("synthetic-")
+        gold.setdefault(name, []).append(row["texts"][0]["assistant"])
+
+    def right(subset, k, cell):
+        """Share of `cell`'s answers (k = 1: PyTorch's, 2: llama.cpp's) that score as right against the gold."""
+        return sum(score_answer(subset, e[k], g) for e, g in zip(cell.examples, gold[subset])) / cell.total
+
+    print("\nright answers on llama.cpp's prompt (exact match after VQA normalisation)")
+    print("| subset | PyTorch | " + " | ".join(p.outtype for p in pairs) + " |")
+    print("|---|---|" + "---|" * len(pairs))
+    for subset in dict.fromkeys(r.subset for r in results):
+        cells = [next(r for r in results if r.subset == subset and r.outtype == p.outtype) for p in pairs]
+        print(f"| {subset} | {right(subset, 1, cells[0]):.2f} | "
+              + " | ".join(f"{right(subset, 2, c):.2f}" for c in cells) + " |")
     for r in results:
         for question, ours, theirs in r.examples[:2] + [e for e in r.examples if e[1] != e[2]][:2]:
             print(f"  {r.outtype} {r.subset}: {question!r} torch={ours!r} llama.cpp={theirs!r}")
