@@ -233,3 +233,28 @@ def test_committed_idefics3_demo_checkpoint_has_transformers_parity(tmp_path):
     said = answer(model, processor, [s["image"] for s in samples], [s["question"] for s in samples], max_new_tokens=4)
     right = sum(a == s["answer"] for a, s in zip(said, samples)) / len(samples)
     assert right >= 0.45, f"{right:.2f} of 40 held-out shapes questions (chance 0.20, make demo measured 0.62)"
+
+
+def test_cross_attention_and_a_second_branch_are_refused_by_name(tmp_path):
+    """A lesson 08 cross-attention model and a lesson 09 two-branch model: each refusal names the feature and what to
+    train instead, not only the tensors that have no place (nor a guess at 4-bit layers)."""
+    from vlm_course.config import FusionConfig, HighResConfig
+    from vlm_course.dual_vision import add_high_res_branch
+
+    config = get_profile("tiny").config
+    config.image_layout = "idefics3"
+    config.fusion = FusionConfig(kind="cross_attention", cross_attention_every=1)
+    model = VisionLanguageModel(config)
+    problems = model.idefics3_problems()
+    assert any("fusion kind 'cross_attention'" in p and "fusion.kind='autoregressive'" in p for p in problems), problems
+    assert not any("no place for (" in p for p in problems), problems  # the fusion's tensors are explained
+
+    config = get_profile("tiny").config  # the plain layout: the only one a second branch takes
+    high_res = HighResConfig(vision=dataclasses.replace(config.vision, image_size=128), shuffle_factor=4)
+    model = add_high_res_branch(VisionLanguageModel(config), high_res)
+    problems = model.idefics3_problems()
+    assert any("second, high-resolution vision branch" in p and "high_res=None" in p for p in problems), problems
+    assert not any("no place for (" in p for p in problems), problems
+    with pytest.raises(ValueError, match="high-resolution"):
+        model.save_idefics3(tmp_path / "never")
+    assert not (tmp_path / "never").exists()

@@ -251,9 +251,19 @@ class VisionLanguageModel(nn.Module):
             problems.append(f"{what}: transformers' Idefics3Processor wraps each image as <fake_token_around_image>"
                             "<global-img><image>...<fake_token_around_image>, so the model would read prompts it was "
                             "not trained on; train with image_layout='idefics3'")
+        fusion = getattr(cfg.fusion, "kind", "autoregressive")
+        if fusion != "autoregressive":
+            problems.append(f"fusion kind {fusion!r}: Idefics3 reads the image tokens in the decoder's input sequence "
+                            "only and has no place for gated cross-attention blocks; train with "
+                            "fusion.kind='autoregressive'")
+        if cfg.high_res is not None:
+            problems.append("a second, high-resolution vision branch (config.high_res): Idefics3 has one vision tower "
+                            "and one connector; train a single-branch model (high_res=None), or use image splitting "
+                            "(image_splitting=True) for detail, which Idefics3 has")
         mapped = set(idefics3_name_map(cfg))
         lora = [k for k in self.state_dict() if "lora_" in k]
-        other = [k for k in self.state_dict() if k not in mapped and "lora_" not in k
+        explained = ("fusion.", "vision.", "projector.") if cfg.high_res is not None else ("fusion.",)
+        other = [k for k in self.state_dict() if k not in mapped and "lora_" not in k and not k.startswith(explained)
                  and not (k == "decoder.lm_head.weight" and cfg.decoder.tie_word_embeddings)]
         if lora:
             problems.append(f"LoRA adapters ({len(lora)} tensors, e.g. {lora[0]}): merge them into the weights first "
