@@ -139,9 +139,11 @@ class DemoRecipe:
     counter_hidden: int = 128
     stages: tuple[Stage, ...] = field(default_factory=lambda: (
         # Stage 1 makes the image tokens speak the decoder's language: each block's two tokens are regressed onto
-        # the embeddings of " red" " circle" (or " no" " object"). No decoder pass: seconds per 100 steps.
+        # the embeddings of " red" " circle" (or " no" " object"), in closed form. No decoder pass: ~2 min.
         Stage("words", steps=0, lr_projector=0.0, lr_vision=0.0, lr_lora=0.0, warmup_steps=0, data="words",
               fit="least_squares", scenes=16_000),
+        # Stage 2, QLoRA on the questions: ~20 min at ~4.4 s per step on 2 cores. 240 steps left position at 0.84
+        # in one run; these 280 gave 0.96 (docs/demo_findings.md section 16).
         Stage("qlora", steps=280, lr_projector=0.0, lr_vision=0.0, lr_lora=1e-3, warmup_steps=10),
     ))
     max_new_tokens: int = 4  # every answer is 1-2 tokens + <|im_end|>
