@@ -165,7 +165,7 @@ def idefics3_recipe(recipe: DemoRecipe | None = None) -> DemoRecipe:
     wrapped in <fake_token_around_image><global-img> ... <fake_token_around_image>, no place words), one token per
     block (the least-squares fit regresses it onto the mean of the block's two word embeddings), no projector bias
     and no count tokens. The model must then read a block's place from its position in the run of tokens and count
-    by itself: the figures are lower than the main recipe's (docs/demo_findings.md section 16)."""
+    by itself: the figures are lower than the main recipe's (docs/demo_findings.md section 17)."""
     return replace(recipe or DemoRecipe(), image_layout="idefics3", tokens_per_block=1, projector_bias=False,
                    count_tokens=False, counter_hidden=0, count_scenes=0)
 
@@ -604,9 +604,10 @@ def release_freed_memory() -> None:
     """Give the memory training freed back to the system, and keep the evaluation's large buffers out of the heap.
 
     glibc raises its mmap threshold each time a large block is freed (up to 32 MB), so after training the
-    evaluation's tensors come from a fragmented heap: 150 held-out questions after 3 training steps peaked at 2.73 GB,
-    and at 1.27 GB with this call before them (docs/demo_findings.md sections 15-16), at the same speed. Not during training: there every
-    activation would be a fresh mmap, 60% slower per step. Does nothing where the C library is not glibc.
+    evaluation's tensors come from a fragmented heap: 150 held-out questions after 3 training steps peaked at
+    2.73 GB, and at 1.27 GB with this call before them, at the same speed (docs/demo_findings.md sections 15-16).
+    Not during training: there every activation would be a fresh mmap, 60% slower per step. Does nothing where the
+    C library is not glibc.
     """
     gc.collect()
     try:
@@ -656,12 +657,11 @@ def save_as_idefics3(checkpoint, folder, profile: str = "smol") -> Path:
     from .deploy.merge import merge_lora_adapters
 
     model, processor = load_checkpoint(checkpoint, profile)
-    problems = model.idefics3_problems()
-    if any("LoRA" not in p and "4-bit" not in p for p in problems):
+    model = merge_lora_adapters(model).float()  # what is left is what the recipe chose, not the QLoRA set-up
+    problems = model.idefics3_problems(processor)
+    if problems:
         raise ValueError(f"{checkpoint} was not trained with Idefics3's image side, which cannot express: "
-                         + "; ".join(p for p in problems if "LoRA" not in p and "4-bit" not in p)
-                         + ". Train one with `python -m vlm_course demo --layout idefics3`")
-    model = merge_lora_adapters(model).float()
+                         + "; ".join(problems) + ". Train one with `python -m vlm_course demo --layout idefics3`")
     return model.save_idefics3(folder, processor)
 
 
