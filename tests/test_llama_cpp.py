@@ -196,13 +196,27 @@ def _digest(folder):
     return h.hexdigest()[:16]
 
 
-@pytest.fixture(scope="module")
-def smol(tmp_path_factory):
-    """The smol model saved as Idefics3 and converted. The conversion (~30 s) is cached in the course cache under
-    the digest of the saved checkpoint and the llama.cpp version, so it is redone whenever either changes."""
+def converted_pair(folder, name, llama):
+    """llama.cpp's SMOL_TYPE conversion of the saved Idefics3 `folder`, cached in the course cache under `name`, the
+    llama.cpp version and the checkpoint's digest, so it is redone whenever either changes. Only this name's older
+    conversions are removed: each fixture keeps its own."""
     import shutil
 
     from vlm_course.deploy.llama_cpp_build import LLAMA_CPP_PYTHON_VERSION, cache_dir
+
+    cached = cache_dir() / "llama_cpp_tests" / f"{name}-{SMOL_TYPE}-{LLAMA_CPP_PYTHON_VERSION}-{_digest(folder)}"
+    if not (cached / f"mmproj-{SMOL_TYPE}.gguf").exists():
+        for old in cached.parent.glob(f"{name}-*"):  # older checkpoints' files, and a half-written one
+            shutil.rmtree(old, ignore_errors=True)
+        partial = cached.with_name(cached.name + ".partial")
+        llama_cpp.convert_idefics3(folder, partial, SMOL_TYPE, llama)
+        partial.rename(cached)
+    return llama_cpp.GgufPair(cached / f"text-{SMOL_TYPE}.gguf", cached / f"mmproj-{SMOL_TYPE}.gguf", SMOL_TYPE)
+
+
+@pytest.fixture(scope="module")
+def smol(tmp_path_factory):
+    """The smol model saved as Idefics3 and converted (~30 s, cached: `converted_pair`)."""
     from vlm_course.vlm import VisionLanguageModel
 
     llama = built_llama_cpp()
@@ -212,14 +226,7 @@ def smol(tmp_path_factory):
     processor = VLMProcessor.from_config(model.config)
     model.resize_vocabulary(len(processor.tokenizer)).eval()
     folder = model.save_idefics3(tmp_path_factory.mktemp("smol") / "idefics3", processor)
-    cached = cache_dir() / "llama_cpp_tests" / f"smol-{SMOL_TYPE}-{LLAMA_CPP_PYTHON_VERSION}-{_digest(folder)}"
-    if not (cached / f"mmproj-{SMOL_TYPE}.gguf").exists():
-        shutil.rmtree(cached.parent, ignore_errors=True)  # older checkpoints' files
-        partial = cached.with_name(cached.name + ".partial")
-        llama_cpp.convert_idefics3(folder, partial, SMOL_TYPE, llama)
-        partial.rename(cached)
-    pair = llama_cpp.GgufPair(cached / f"text-{SMOL_TYPE}.gguf", cached / f"mmproj-{SMOL_TYPE}.gguf", SMOL_TYPE)
-    return model, pair
+    return model, converted_pair(folder, "smol", llama)
 
 
 def test_smol_answers_agree_with_pytorch(smol):
@@ -292,26 +299,14 @@ TRAINED = "demo_checkpoint_idefics3"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The committed idefics3-layout demo checkpoint, merged and saved as Idefics3 (`demo.save_as_idefics3`), and
-    converted by llama.cpp (f16), cached as the smol fixture's conversion is."""
-    import shutil
-
+    converted by llama.cpp (f16, cached: `converted_pair`)."""
     from vlm_course import demo
-    from vlm_course.deploy.llama_cpp_build import LLAMA_CPP_PYTHON_VERSION, cache_dir
     from vlm_course.vlm import VisionLanguageModel
     from vlm_course.weights import assets_dir
 
     llama = built_llama_cpp()
     folder = demo.save_as_idefics3(assets_dir() / TRAINED, tmp_path_factory.mktemp("trained") / "idefics3")
-    cached = cache_dir() / "llama_cpp_tests" / f"trained-{SMOL_TYPE}-{LLAMA_CPP_PYTHON_VERSION}-{_digest(folder)}"
-    if not (cached / f"mmproj-{SMOL_TYPE}.gguf").exists():
-        for old in cached.parent.glob("trained-*"):  # older checkpoints' files
-            shutil.rmtree(old, ignore_errors=True)
-        partial = cached.with_name(cached.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        llama_cpp.convert_idefics3(folder, partial, SMOL_TYPE, llama)
-        partial.rename(cached)
-    pair = llama_cpp.GgufPair(cached / f"text-{SMOL_TYPE}.gguf", cached / f"mmproj-{SMOL_TYPE}.gguf", SMOL_TYPE)
-    return VisionLanguageModel.from_idefics3(folder).eval(), pair
+    return VisionLanguageModel.from_idefics3(folder).eval(), converted_pair(folder, "trained", llama)
 
 
 def test_trained_model_answers_agree_with_pytorch(trained):
