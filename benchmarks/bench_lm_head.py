@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLM_COURSE_OFFLINE", "1")
 
 import torch  # noqa: E402
+from bench_core import alternate  # noqa: E402  (median of each, run alternately after a warm-up)
 
 import vlm_course.decoder as decoder_module  # noqa: E402
+
+CONTIGUOUS = decoder_module.last_positions  # what the decoder does now
 
 
 def strided_last_positions(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -37,21 +38,16 @@ def strided_last_positions(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[:, -n:] if n else x
 
 
-def alternate(run, repeats: int) -> tuple[float, float]:
-    """Median seconds of run() with the strided slice and with the contiguous copy, alternating, after a warm-up."""
-    contiguous = decoder_module.last_positions
-    times = {"strided": [], "contiguous": []}
-    try:
-        for k in range(repeats + 1):
-            for name, fn in (("strided", strided_last_positions), ("contiguous", contiguous)):
-                decoder_module.last_positions = fn
-                start = time.perf_counter()
-                run()
-                if k:  # the first round warms up
-                    times[name].append(time.perf_counter() - start)
-    finally:
-        decoder_module.last_positions = contiguous
-    return statistics.median(times["strided"]), statistics.median(times["contiguous"])
+def with_last_positions(fn, run):
+    """run(), with the decoder's head fed by `fn` for that call only."""
+    def go():
+        kept = decoder_module.last_positions
+        decoder_module.last_positions = fn
+        try:
+            run()
+        finally:
+            decoder_module.last_positions = kept
+    return go
 
 
 def main() -> None:
@@ -99,7 +95,8 @@ def main() -> None:
     print(f"{'':34s} {'strided s':>10s} {'contiguous s':>13s} {'ratio':>7s}")
     for label, run in rows:
         model.train(run is train_step)
-        strided, contiguous = alternate(run, args.repeats)
+        strided, contiguous = alternate(with_last_positions(strided_last_positions, run),
+                                        with_last_positions(CONTIGUOUS, run), args.repeats)
         print(f"{label:34s} {strided:10.3f} {contiguous:13.3f} {strided / contiguous:7.1f}x", flush=True)
 
 
