@@ -183,3 +183,21 @@ def test_fusion_cost():
     d = 576
     block = 2 * 2 * 16 * d * d + 32 * (4 * d * d + 4 * 16 * d + 4 * d * 4 * d)
     assert cross == {"kind": "cross_attention", "decoder_tokens": 1, "flops": per_token + 6 * block}
+
+
+def test_the_new_blocks_can_learn_at_their_own_rate(processor, tmp_path):
+    """lr_fusion sets the cross-attention blocks' rate apart from the projector's (a fitted connector barely moving
+    while blocks from random learn fast); None keeps them at the projector's, as before; a negative one is refused."""
+    from vlm_course.training import apply_recipe, build_optimizer
+
+    def lrs(**kw):
+        model = model_and_processor(processor)
+        cfg = TrainConfig(output_dir=str(tmp_path / "run"), progress=False, decoder="frozen", **kw)
+        apply_recipe(model, cfg)
+        groups = build_optimizer(model, cfg).param_groups
+        return {g["name"].split("_")[0]: g["lr"] for g in groups}
+
+    assert lrs(lr_projector=1e-4, lr_fusion=1e-3) == {"projector": 1e-4, "fusion": 1e-3}
+    assert lrs(lr_projector=2e-3) == {"projector": 2e-3, "fusion": 2e-3}
+    with pytest.raises(ValueError, match="lr_fusion must be a number >= 0"):
+        TrainConfig(output_dir=str(tmp_path / "run"), lr_fusion=-1e-3)

@@ -45,6 +45,9 @@ class TrainConfig:
     lr_vision: float = 1e-4
     lr_decoder: float = 1e-4
     lr_lora: float = 2e-4  # adapters of any component
+    # the fusion's new layers (cross-attention blocks); None: the projector's rate. Apart when the connector was
+    # fitted first and should barely move while the new blocks, starting from random, must learn fast.
+    lr_fusion: float | None = None
     weight_decay: float = 0.01  # never on norms, biases, or other 1-D parameters
     warmup_fraction: float = 0.03
     min_lr_ratio: float = 0.0  # cosine decays to this fraction of each group's lr
@@ -86,8 +89,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        for name in ("lr_projector", "lr_vision", "lr_decoder", "lr_lora", "weight_decay"):
+        for name in ("lr_projector", "lr_vision", "lr_decoder", "lr_lora", "weight_decay", "lr_fusion"):
             value = getattr(self, name)
+            if name == "lr_fusion" and value is None:
+                continue
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}: a negative learning rate or weight "
                                  "decay climbs the loss instead of descending it (typical: lr 1e-4 to 2e-3, "

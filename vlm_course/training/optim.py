@@ -21,8 +21,10 @@ def param_groups(model, cfg: TrainConfig) -> list[dict]:
     No weight decay on 1-D parameters (norm scales, biases, DoRA magnitudes): decaying them toward zero
     fights the normalisation they implement.
     """
-    # the fusion's new layers (cross-attention blocks) learn at the projector's rate: both are new glue
-    lrs = {"vision": cfg.lr_vision, "projector": cfg.lr_projector, "decoder": cfg.lr_decoder, "fusion": cfg.lr_projector}
+    # the fusion's new layers (cross-attention blocks) learn at the projector's rate unless given their own: both
+    # are new glue
+    fusion = cfg.lr_projector if cfg.lr_fusion is None else cfg.lr_fusion
+    lrs = {"vision": cfg.lr_vision, "projector": cfg.lr_projector, "decoder": cfg.lr_decoder, "fusion": fusion}
     groups: dict[str, dict] = {}
     seen = set()
     for name, p in model.named_parameters():
