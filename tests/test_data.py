@@ -351,6 +351,27 @@ def test_bad_arguments_explain_themselves():
         generate("shapes", 2, image_size=16)
 
 
+def test_small_objects_are_small_true_and_seeded():
+    """small_objects (lesson 08's image-splitting data): shapes questions answered by the pixels, on 144 px pictures
+    whose objects are half the shapes subset's share of the side (16-26 px), deterministic per seed."""
+    rows = synthetic.small_objects(16, seed=2)
+    for row in rows:
+        image, turn = row["images"][0], row["texts"][0]
+        assert image.size == (144, 144) and turn["source"] == "synthetic-small_objects"
+        check_attribute(image, turn["user"], turn["assistant"])
+        for _, _, core in objects(image):
+            extent = (core.max(0) - core.min(0) + 1).max()
+            assert 8 <= extent <= 27, extent  # at the shapes subset's share the objects would be 32-52 px
+    again = synthetic.small_objects(16, seed=2)
+    assert [pixel_hash(r["images"][0]) for r in rows] == [pixel_hash(r["images"][0]) for r in again]
+    assert [pixel_hash(r["images"][0]) for r in synthetic.small_objects(4, seed=3)] != \
+        [pixel_hash(r["images"][0]) for r in rows[:4]]
+    with pytest.raises(ValueError, match="scale"):
+        synthetic.small_objects(2, scale=2.0)
+    with pytest.raises(ValueError, match="n must be"):
+        synthetic.small_objects(-1)
+
+
 def test_gallery_draws_every_row():
     rows = [generate(subset, 1, seed=0)[0] for subset in SUBSETS]
     fig = synthetic.gallery(rows, ncols=3)

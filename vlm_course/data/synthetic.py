@@ -557,6 +557,26 @@ def generate(subset: str, n: int, seed: int = 0, image_size: int = 64) -> list[d
     return rows
 
 
+def small_objects(n: int, seed: int = 0, image_size: int = 144, scale: float = 0.5) -> list[dict]:
+    """n rows of `shapes` questions (colour or shape of one of 1-3 distinct objects) on a large picture whose objects
+    are `scale` times the shapes subset's share of it: at 144 px and 0.5, objects 16-26 px wide, the size the
+    demo's ViT reads at 72 px, but only 8-13 px once the picture is shrunk to 72. The case image splitting is for
+    (lesson 08): split into 72 px tiles, each object is back to the size the encoder knows. Its own random stream,
+    so the committed subsets do not change."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not 0 < scale <= 1:
+        raise ValueError(f"scale is the objects' size relative to the shapes subset's, in (0, 1]; got {scale}")
+    rng, rows = _rng("small_objects", seed), []
+    for _ in range(n):
+        specs = _distinct_specs(rng, int(rng.integers(1, 4)))
+        shapes = place(rng, specs, image_size, (0.22 * scale, 0.36 * scale))
+        question, answer = _attribute_question(rng, _pick(rng, shapes), _pick(rng, ("colour", "shape")))
+        rows.append({"images": [render(rng, image_size, shapes)],
+                     "texts": [{"user": question, "assistant": answer, "source": "synthetic-small_objects"}]})
+    return rows
+
+
 def generate_mix(subsets: dict[str, int], seed: int = 0, image_size: int = 64) -> list[dict]:
     """Rows from several subsets ({name: n}), shuffled together deterministically for the seed."""
     rows = [row for name, n in subsets.items() for row in generate(name, n, seed, image_size)]
