@@ -37,13 +37,13 @@ from .l04_assembling import plot_embedding_rms, plot_token_sequence
 from .l05_training import plot_loss_curves, plot_nf4_levels, plot_token_labels, show_rows
 from .l06_evaluation import plot_anls_curve, plot_vqa_credit
 from .l07_deployment import plot_decode_roofline, plot_memory_budget
-from .l08_design_space import plot_design_costs, plot_design_results
+from .l08_design_space import plot_design_accuracy, plot_design_costs, plot_design_results
 from .l09_reading_and_pointing import plot_boxes, plot_reading_results, plot_resolutions
 
 __all__ = [
     "attention_explorer", "in_live_kernel", "patch_explorer", "plot_activations", "plot_anls_curve",
-    "plot_attention_map", "plot_attention_maps", "plot_causal_gqa", "plot_decode_roofline", "plot_design_costs",
-    "plot_design_results", "plot_embedding_rms",
+    "plot_attention_map", "plot_attention_maps", "plot_causal_gqa", "plot_decode_roofline", "plot_design_accuracy",
+    "plot_design_costs", "plot_design_results", "plot_embedding_rms",
     "plot_kv_cache_memory", "plot_loss_curves", "plot_memory_budget", "plot_nf4_levels", "plot_patch_sequence",
     "plot_pixel_shuffle", "plot_position_similarity", "plot_rope_scores", "plot_rope_tables", "plot_sampling",
     "plot_token_labels", "plot_token_sequence", "plot_tokens_vs_resolution", "plot_vqa_credit", "show_patch",
