@@ -33,26 +33,43 @@ def plot_design_costs(rows: list[dict], show: bool = True):
     return _finish(fig, show)
 
 
+def _right_against_other(names, right_image, other_image, seconds, height_pad: float, xlabel: str,
+                         seconds_label: str, title: str, annotate: bool = False, chance: float | None = None):
+    """Bars per design: a score with the right image beside the same score with another scene's image (the gap is
+    what the image is worth), and a step time beside them."""
+    y = np.arange(len(names))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.55 * len(names) + height_pad), sharey=True,
+                                      gridspec_kw={"width_ratios": [1.6, 1]})
+    left.barh(y - 0.2, right_image, height=0.4, color="#3a8a46", label="right image")
+    left.barh(y + 0.2, other_image, height=0.4, color="#bbbbbb", label="another scene's image")
+    if annotate:
+        for k, (a, b) in enumerate(zip(right_image, other_image)):
+            left.text(a, k - 0.2, f" {a:.2f}", va="center", fontsize=8)
+            left.text(b, k + 0.2, f" {b:.2f}", va="center", fontsize=8, color="#666666")
+    if chance is not None:
+        left.axvline(chance, color="#444444", linestyle=":", linewidth=1)
+        left.text(chance, len(names) - 0.45, " chance", fontsize=8, color="#444444")
+        left.set_xlim(0, 1.08)
+    left.set_yticks(y, names)
+    left.invert_yaxis()
+    left.set_xlabel(xlabel)
+    left.legend(loc="lower right", fontsize=8)
+    right.barh(y, seconds, color="#c8671a")
+    right.set_xlabel(seconds_label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def plot_design_results(results: list[dict], show: bool = True):
     """Per design, after the same short training: held-out answer loss with the right image and with another
     scene's image (the gap is what the image is worth), and the step time.
 
     results: [{"name", "eval_loss", "other_image_loss", "seconds_per_step"}, ...]."""
-    names = [r["name"] for r in results]
-    y = np.arange(len(results))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.55 * len(results) + 1.6), sharey=True,
-                                      gridspec_kw={"width_ratios": [1.6, 1]})
-    left.barh(y - 0.2, [r["eval_loss"] for r in results], height=0.4, color="#3a8a46", label="right image")
-    left.barh(y + 0.2, [r["other_image_loss"] for r in results], height=0.4, color="#bbbbbb",
-              label="another scene's image")
-    left.set_yticks(y, names)
-    left.invert_yaxis()
-    left.set_xlabel("held-out answer loss (lower is better)")
-    left.legend(loc="lower right", fontsize=8)
-    right.barh(y, [r["seconds_per_step"] for r in results], color="#c8671a")
-    right.set_xlabel("seconds per training step")
-    fig.suptitle("the same data, steps and recipe: what each design learned")
-    fig.tight_layout()
+    fig = _right_against_other([r["name"] for r in results], [r["eval_loss"] for r in results],
+                               [r["other_image_loss"] for r in results], [r["seconds_per_step"] for r in results],
+                               1.6, "held-out answer loss (lower is better)", "seconds per training step",
+                               "the same data, steps and recipe: what each design learned")
     return _finish(fig, show)
 
 
@@ -62,27 +79,10 @@ def plot_design_accuracy(results: list[dict], chance: float | None = None, show:
 
     results: benchmarks/bench_design_space.py's records ({"variant", "accuracy": {"mean"}, "other_image":
     {"mean"}, "cpu_s_per_step", "decoder_tokens"}), e.g. from assets/design_space/results.json."""
-    names = [f"{r['variant']} ({r['decoder_tokens']} tok)" for r in results]
-    y = np.arange(len(results))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 0.55 * len(results) + 1.8), sharey=True,
-                                      gridspec_kw={"width_ratios": [1.6, 1]})
-    right_image = [r["accuracy"]["mean"] for r in results]
-    other_image = [r["other_image"]["mean"] for r in results]
-    left.barh(y - 0.2, right_image, height=0.4, color="#3a8a46", label="right image")
-    left.barh(y + 0.2, other_image, height=0.4, color="#bbbbbb", label="another scene's image")
-    for k, (a, b) in enumerate(zip(right_image, other_image)):
-        left.text(a, k - 0.2, f" {a:.2f}", va="center", fontsize=8)
-        left.text(b, k + 0.2, f" {b:.2f}", va="center", fontsize=8, color="#666666")
-    if chance is not None:
-        left.axvline(chance, color="#444444", linestyle=":", linewidth=1)
-        left.text(chance, len(results) - 0.45, " chance", fontsize=8, color="#444444")
-    left.set_xlim(0, 1.08)
-    left.set_yticks(y, names)
-    left.invert_yaxis()
-    left.set_xlabel("held-out accuracy (mean over subsets)")
-    left.legend(loc="lower right", fontsize=8)
-    right.barh(y, [r["cpu_s_per_step"] for r in results], color="#c8671a")
-    right.set_xlabel("CPU seconds per training step (1 thread)")
-    fig.suptitle("the same data, steps and recipe: which designs read the picture")
-    fig.tight_layout()
+    fig = _right_against_other([f"{r['variant']} ({r['decoder_tokens']} tok)" for r in results],
+                               [r["accuracy"]["mean"] for r in results], [r["other_image"]["mean"] for r in results],
+                               [r["cpu_s_per_step"] for r in results], 1.8, "held-out accuracy (mean over subsets)",
+                               "CPU seconds per training step (1 thread)",
+                               "the same data, steps and recipe: which designs read the picture", annotate=True,
+                               chance=chance)
     return _finish(fig, show)
