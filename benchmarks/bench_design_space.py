@@ -120,22 +120,9 @@ def accuracy(model, processor, rows, max_new_tokens: int) -> dict:
     return {**result.by_subset, "mean": result.overall}
 
 
-def word_scenes(processor, n: int, seed: int) -> dict[str, torch.Tensor]:
-    """n fresh scenes (the demo ViT's pretraining draws, never the mini-cauldron's seeds): pixel values and the ids
-    of the two words naming each of the 3 x 3 blocks (" red" " circle", or " no" " object")."""
-    import numpy as np
-
-    from vlm_course.data import synthetic
-    from vlm_course.demo import block_words
-    from vlm_course.pretrain_blocks import SCENE_SIZE, random_scene
-
-    rng = np.random.default_rng([seed, 11])
-    pixels, ids = [], []
-    for _ in range(n):
-        shapes = random_scene(rng)
-        pixels.append(processor.image_transform(synthetic.render(rng, SCENE_SIZE, shapes)))
-        ids.append([processor.text_ids(w)[0] for w in block_words(shapes, 3)])
-    return {"pixel_values": torch.stack(pixels), "word_ids": torch.tensor(ids)}
+def relative_error(tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ||token - target||^2 / ||target||^2: the words stage's loss and its held-out score."""
+    return (((tokens - targets) ** 2).sum(-1) / (targets**2).sum(-1)).mean()
 
 
 def fit_connector_to_words(model, processor, scenes: int, steps: int, seed: int) -> float:
@@ -144,12 +131,13 @@ def fit_connector_to_words(model, processor, scenes: int, steps: int, seed: int)
     writes them). No decoder pass. The linear connector (also the one cross-attention reads) is solved in closed
     form; the MLP and the perceiver (query i -> block i) by AdamW on the frozen ViT's patches. Returns the
     relative squared error on 256 held-out scenes."""
-    from vlm_course.demo import fit_projector_to_words, word_embeddings
+    from vlm_course.demo import fit_projector_to_words, word_embeddings, word_targets
 
-    data, test = word_scenes(processor, scenes, seed), word_scenes(processor, 256, seed + 1)
+    # the 3 x 3 blocks' words, whatever the connector's own grid (a perceiver reads all 81 patches)
+    data, test = word_targets(processor, scenes, seed, side=3), word_targets(processor, 256, seed + 1, side=3)
     model.eval()
     with torch.no_grad():
-        test_patches = model.vision(test["pixel_values"])
+        test_patches = model.vision(test["pixel_values"].float())
         test_targets = word_embeddings(model, test["word_ids"])
         if model.projector(test_patches[:1]).shape[1] != test_targets.shape[1]:
             raise ValueError("the words stage names the 3 x 3 blocks: it needs 9 tokens per view (--vision demo)")
@@ -157,7 +145,7 @@ def fit_connector_to_words(model, processor, scenes: int, steps: int, seed: int)
         fit_projector_to_words(model, data)
     else:
         with torch.no_grad():
-            patches = torch.cat([model.vision(data["pixel_values"][i:i + 500]) for i in range(0, scenes, 500)])
+            patches = torch.cat([model.vision(data["pixel_values"][i:i + 500].float()) for i in range(0, scenes, 500)])
             targets = word_embeddings(model, data["word_ids"])
         if hasattr(model.projector, "norm"):
             # the resampler ends in an RMSNorm: start it at the words' scale, not at 1 (tokens ~12x too loud, a
@@ -171,14 +159,12 @@ def fit_connector_to_words(model, processor, scenes: int, steps: int, seed: int)
             for group in opt.param_groups:  # cosine from 1e-3 to 0
                 group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))
             pick = torch.randint(len(patches), (64,), generator=generator)
-            out = model.projector(patches[pick])
-            loss = (((out - targets[pick]) ** 2).sum(-1) / (targets[pick] ** 2).sum(-1)).mean()
+            loss = relative_error(model.projector(patches[pick]), targets[pick])
             opt.zero_grad()
             loss.backward()
             opt.step()
     with torch.no_grad():
-        out = model.projector(test_patches)
-        return float((((out - test_targets) ** 2).sum(-1) / (test_targets**2).sum(-1)).mean())
+        return float(relative_error(model.projector(test_patches), test_targets))
 
 
 def run_variant(name: str, args, train_rows, eval_rows) -> dict:
@@ -270,21 +256,21 @@ def parse_args(argv=None):
 def show(paths: list[str]) -> list[dict]:
     """One table per data set from the --json files of several runs (variants run in parallel, one thread each)."""
     by_data: dict[str, list[dict]] = {}
-    saved_subsets = []
+    subsets_of: dict[str, tuple[str, ...]] = {}
     for path in paths:
         with open(path) as f:
             saved = json.load(f)
         data = saved["args"].get("data", "cauldron")
-        if data == "cauldron":
+        if data == "small_objects":
+            subsets_of[data] = ("small_objects",)
+        else:  # one table per set of subsets trained on
             data = saved["args"].get("subsets", ",".join(SUBSETS))
-            saved_subsets.append((data, data.split(",")))
+            subsets_of[data] = tuple(data.split(","))
         for r in saved["results"]:
             by_data.setdefault(data, []).append({**r, "steps": saved["args"]["steps"]})
     for data, results in by_data.items():
-        subsets = ("small_objects",) if data == "small_objects" else tuple(
-            next(s for s in saved_subsets if s[0] == data)[1])
         print(f"{data}: {', '.join(sorted({str(r['steps']) for r in results}))} steps")
-        print(format_table(results, subsets))
+        print(format_table(results, subsets_of[data]))
         print()
     return [r for results in by_data.values() for r in results]
 

@@ -253,8 +253,11 @@ def block_words(shapes, side: int = 3) -> list[str]:
     return words
 
 
-def word_targets(processor: VLMProcessor, n: int, seed: int, progress: bool = False) -> dict[str, torch.Tensor]:
-    """n fresh scenes (never the mini-cauldron's seeds) as pixel values and the ids of each block's words."""
+def word_targets(processor: VLMProcessor, n: int, seed: int, progress: bool = False,
+                 side: int | None = None) -> dict[str, torch.Tensor]:
+    """n fresh scenes (never the mini-cauldron's seeds) as pixel values (float16) and the ids of each block's words.
+    side: the grid of blocks the words name; None, the config's pixel-shuffled grid (a connector without a pixel
+    shuffle, such as a perceiver's queries, can still be fitted to the 3 x 3 blocks with side=3)."""
     import numpy as np
 
     from .data import synthetic
@@ -269,7 +272,7 @@ def word_targets(processor: VLMProcessor, n: int, seed: int, progress: bool = Fa
     for _ in tqdm(range(n), desc="drawing scenes", leave=False, disable=not progress):
         shapes = random_scene(rng)
         pixels.append(processor.image_transform(synthetic.render(rng, SCENE_SIZE, shapes)).half())
-        ids.append([processor.text_ids(w)[0] for w in block_words(shapes, config.block_grid_size)])
+        ids.append([processor.text_ids(w)[0] for w in block_words(shapes, side or config.block_grid_size)])
     return {"pixel_values": torch.stack(pixels), "word_ids": torch.tensor(ids)}
 
 
